@@ -1,0 +1,48 @@
+# ferrolb — the two commands for a fresh machine are `make lab` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+LAB := target/debug/ferrolb-lab
+export FERROLB_K8S_BIN_DIR ?=
+
+DEB_PACKAGES := nftables iproute2 iputils-arping ndisc6 tcpdump curl openssl procps ca-certificates
+
+.PHONY: all deps k8s-bins build lab lab-down test unit e2e lint fmt
+
+all: build
+
+## deps: install the Debian packages the lab needs (idempotent; skips apt when all are there).
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "deps: installing$$(echo ' '$$missing)"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "deps: error: installing Debian packages needs root: run 'sudo make deps'" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else echo "deps: all Debian packages present"; fi
+
+## k8s-bins: build (or reuse) the pinned Kubernetes, etcd and helm binaries.
+k8s-bins:
+	@bash hack/k8s-bins.sh >/dev/null
+
+## build: the ferrolb binaries.
+build:
+	$(CARGO) build --workspace --bins
+
+## lab: the lab with the demo running (see README.md).
+lab: deps k8s-bins build
+	bash hack/lab-demo.sh
+
+## lab-down: remove everything the lab made.
+lab-down: build
+	$(LAB) down
+
+## test: unit tests, then the lab tests (which bring a lab up and take it down).
+test: deps k8s-bins build
+	$(CARGO) test --workspace --exclude ferrolb-e2e
+	$(CARGO) test -p ferrolb-e2e --test lab
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all

@@ -1,0 +1,1 @@
+//! ferrolb API types: CRDs and annotation names. Built by the controller issue.

@@ -1,0 +1,1 @@
+//! Validated, normalized ferrolb configuration (pools, advertisements). Built by the controller issue.

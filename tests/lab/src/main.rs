@@ -1,0 +1,138 @@
+//! `ferrolb-lab`: bring the lab up, take it down, look inside.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use ferrolb_lab::paths::Paths;
+use ferrolb_lab::plan::{IpFamily, Plan};
+use ferrolb_lab::{agent, hostname, lifecycle};
+
+#[derive(Parser)]
+#[command(name = "ferrolb-lab", version, about = "A real Kubernetes control plane and a multi-host network on one machine")]
+struct Cli {
+    /// Where the lab keeps its state (certificates, kubeconfig, logs, pids).
+    #[arg(long, env = "FERROLB_LAB_DIR", default_value = "/run/ferrolb-lab", global = true)]
+    lab_dir: PathBuf,
+    /// Log format of the long-running parts (agent): text or json.
+    #[arg(long, env = "FERROLB_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the control plane, the hosts and the node agents; returns when every node is Ready.
+    Up {
+        /// Number of nodes (node-1 … node-N).
+        #[arg(long, env = "FERROLB_LAB_NODES", default_value_t = 3)]
+        nodes: u8,
+        /// Address families of the cluster.
+        #[arg(long, env = "FERROLB_LAB_IP_FAMILY", value_enum, default_value_t = IpFamily::Dual)]
+        ip_family: IpFamily,
+    },
+    /// Stop every process and remove every namespace, link and file of the lab.
+    Down,
+    /// Show the lab's processes, hosts and nodes.
+    Status,
+    /// Print the path of the lab's kubeconfig.
+    Kubeconfig,
+    /// Run the pinned kubectl against the lab: ferrolb-lab kubectl -- get pods -A
+    Kubectl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run a command on a host (client, node-1, …): ferrolb-lab exec client -- curl …
+    Exec {
+        host: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The node agent of one node (started by `up`).
+    #[command(hide = true)]
+    Agent {
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        index: u8,
+        /// Where the ferrolb binaries that ferrolb images run are (default: beside this one).
+        #[arg(long, env = "FERROLB_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+    },
+    /// The demo image's HTTP server (run by the agent for alicek106/rr-test:echo-hostname).
+    #[command(hide = true)]
+    HostnameServer {
+        #[arg(long)]
+        pod: String,
+        #[arg(long = "port", default_value = "80")]
+        ports: Vec<u16>,
+    },
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" { b.json().init() } else { b.init() }
+}
+
+fn exec_replace(program: &std::path::Path, args: &[String]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(program).args(args).exec();
+    Err(err).with_context(|| format!("running {}", program.display()))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let paths = Paths { root: cli.lab_dir.clone() };
+    match cli.command {
+        Command::Up { nodes, ip_family } => lifecycle::up(&paths, Plan { nodes, family: ip_family }).await,
+        Command::Down => {
+            lifecycle::down(&paths)?;
+            eprintln!("lab: down; no namespace, link, process or file of the lab is left");
+            Ok(())
+        }
+        Command::Status => lifecycle::status(&paths).await,
+        Command::Kubeconfig => {
+            println!("{}", paths.kubeconfig().display());
+            Ok(())
+        }
+        Command::Kubectl { args } => {
+            if !paths.kubeconfig().exists() {
+                bail!("the lab is not up ({} is missing): run 'ferrolb-lab up'", paths.kubeconfig().display());
+            }
+            let mut full = vec![format!("--kubeconfig={}", paths.kubeconfig().display())];
+            full.extend(args);
+            exec_replace(&lifecycle::kubectl()?, &full)
+        }
+        Command::Exec { host, command } => {
+            let plan = lifecycle::current_plan(&paths).context("the lab is not up: run 'ferrolb-lab up'")?;
+            if plan.host(&host).is_none() {
+                let names: Vec<String> = plan.hosts().into_iter().map(|h| h.name).collect();
+                bail!("no host {host:?} in the lab; hosts are: {}", names.join(", "));
+            }
+            let mut full = vec!["netns".to_string(), "exec".into(), host];
+            full.extend(command);
+            exec_replace(std::path::Path::new("ip"), &full)
+        }
+        Command::Agent { node, index, bin_dir } => {
+            init_tracing(&cli.log_format);
+            tracing::info!(%node, "starting node agent");
+            agent::run(paths, index, bin_dir).await
+        }
+        Command::HostnameServer { pod, ports } => hostname::serve(pod, ports).await,
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferrolb-lab: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
