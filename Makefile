@@ -35,8 +35,8 @@ lab: deps k8s-bins build
 lab-down: build
 	$(LAB) down
 
-## test: unit tests, then the lab tests (which bring a lab up and take it down).
-test: deps k8s-bins build
+## test: lint, unit tests, then the lab tests (which bring a lab up and take it down).
+test: deps k8s-bins lint build
 	$(CARGO) test --workspace --exclude ferrolb-e2e
 	$(CARGO) test -p ferrolb-e2e --test lab
 

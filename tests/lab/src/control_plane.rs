@@ -9,11 +9,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::paths::Paths;
-use crate::plan::{API_PORT, CONTROL_PLANE_NS, CONTROL_PLANE_V4, ETCD_CLIENT_PORT, ETCD_PEER_PORT, NODE_PORT_RANGE, Plan};
+use crate::plan::{
+    API_PORT, CONTROL_PLANE_NS, CONTROL_PLANE_V4, ETCD_CLIENT_PORT, ETCD_PEER_PORT,
+    NODE_PORT_RANGE, Plan,
+};
 use crate::{bins, procs};
 
 /// The control-plane processes, in start order.
-pub const COMPONENTS: &[&str] = &["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"];
+pub const COMPONENTS: &[&str] = &[
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+];
 
 fn s<T: ToString>(v: T) -> String {
     v.to_string()
@@ -57,7 +65,12 @@ pub fn args(component: &str, paths: &Paths, plan: &Plan) -> Vec<String> {
             s("--v=1"),
         ],
         "kube-controller-manager" => vec![
-            format!("--kubeconfig={}", paths.component_kubeconfig("kube-controller-manager").display()),
+            format!(
+                "--kubeconfig={}",
+                paths
+                    .component_kubeconfig("kube-controller-manager")
+                    .display()
+            ),
             s("--controllers=*"),
             s("--allocate-node-cidrs=true"),
             format!("--cluster-cidr={}", plan.cluster_cidrs()),
@@ -76,7 +89,10 @@ pub fn args(component: &str, paths: &Paths, plan: &Plan) -> Vec<String> {
             s("--v=1"),
         ],
         "kube-scheduler" => vec![
-            format!("--kubeconfig={}", paths.component_kubeconfig("kube-scheduler").display()),
+            format!(
+                "--kubeconfig={}",
+                paths.component_kubeconfig("kube-scheduler").display()
+            ),
             s("--leader-elect=false"),
             s("--secure-port=0"),
             s("--profiling=false"),
@@ -92,7 +108,13 @@ pub async fn ensure(paths: &Paths, plan: &Plan) -> Result<()> {
         if procs::running(paths, c).is_some() {
             continue;
         }
-        let pid = procs::spawn(paths, c, Some(CONTROL_PLANE_NS), &bins::path(c)?, &args(c, paths, plan))?;
+        let pid = procs::spawn(
+            paths,
+            c,
+            Some(CONTROL_PLANE_NS),
+            &bins::path(c)?,
+            &args(c, paths, plan),
+        )?;
         if c == "kube-apiserver" {
             // The API server retries etcd until it answers, so etcd needs no wait of its own.
             wait_apiserver(paths, pid).await?;
@@ -110,7 +132,9 @@ pub async fn wait_apiserver(paths: &Paths, pid: i32) -> Result<()> {
     let client = crate::kube_client(paths).await?;
     loop {
         procs::check_alive(paths, "kube-apiserver", pid)?;
-        let req = http::Request::get("/readyz").body(Vec::new()).context("building /readyz request")?;
+        let req = http::Request::get("/readyz")
+            .body(Vec::new())
+            .context("building /readyz request")?;
         match client.request_text(req).await {
             Ok(body) if body.trim() == "ok" => return Ok(()),
             _ if Instant::now() > deadline => bail!(
@@ -129,15 +153,25 @@ mod tests {
 
     #[test]
     fn dual_stack_ranges_reach_apiserver_and_controller_manager() {
-        let paths = Paths { root: "/run/x".into() };
-        let plan = Plan { nodes: 3, family: IpFamily::Dual };
+        let paths = Paths {
+            root: "/run/x".into(),
+        };
+        let plan = Plan {
+            nodes: 3,
+            family: IpFamily::Dual,
+        };
         let api = args("kube-apiserver", &paths, &plan);
-        assert!(api.contains(&"--service-cluster-ip-range=198.19.0.0/16,2001:db8:ff::/112".to_string()));
+        assert!(
+            api.contains(&"--service-cluster-ip-range=198.19.0.0/16,2001:db8:ff::/112".to_string())
+        );
         let kcm = args("kube-controller-manager", &paths, &plan);
         assert!(kcm.contains(&"--cluster-cidr=198.18.0.0/16,2001:db8:100::/56".to_string()));
         // Every process carries the state directory, so `down` finds strays without pid files.
         for c in COMPONENTS {
-            assert!(args(c, &paths, &plan).iter().any(|a| a.contains("/run/x")), "{c}");
+            assert!(
+                args(c, &paths, &plan).iter().any(|a| a.contains("/run/x")),
+                "{c}"
+            );
         }
     }
 }

@@ -10,13 +10,27 @@ use ferrolb_lab::plan::{IpFamily, Plan};
 use ferrolb_lab::{agent, hostname, lifecycle};
 
 #[derive(Parser)]
-#[command(name = "ferrolb-lab", version, about = "A real Kubernetes control plane and a multi-host network on one machine")]
+#[command(
+    name = "ferrolb-lab",
+    version,
+    about = "A real Kubernetes control plane and a multi-host network on one machine"
+)]
 struct Cli {
     /// Where the lab keeps its state (certificates, kubeconfig, logs, pids).
-    #[arg(long, env = "FERROLB_LAB_DIR", default_value = "/run/ferrolb-lab", global = true)]
+    #[arg(
+        long,
+        env = "FERROLB_LAB_DIR",
+        default_value = "/run/ferrolb-lab",
+        global = true
+    )]
     lab_dir: PathBuf,
     /// Log format of the long-running parts (agent): text or json.
-    #[arg(long, env = "FERROLB_LOG_FORMAT", default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "FERROLB_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
     log_format: String,
     #[command(subcommand)]
     command: Command,
@@ -74,8 +88,14 @@ enum Command {
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" { b.json().init() } else { b.init() }
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init()
+    } else {
+        b.init()
+    }
 }
 
 fn exec_replace(program: &std::path::Path, args: &[String]) -> Result<()> {
@@ -85,9 +105,20 @@ fn exec_replace(program: &std::path::Path, args: &[String]) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let paths = Paths { root: cli.lab_dir.clone() };
+    let paths = Paths {
+        root: cli.lab_dir.clone(),
+    };
     match cli.command {
-        Command::Up { nodes, ip_family } => lifecycle::up(&paths, Plan { nodes, family: ip_family }).await,
+        Command::Up { nodes, ip_family } => {
+            lifecycle::up(
+                &paths,
+                Plan {
+                    nodes,
+                    family: ip_family,
+                },
+            )
+            .await
+        }
         Command::Down => {
             lifecycle::down(&paths)?;
             eprintln!("lab: down; no namespace, link, process or file of the lab is left");
@@ -100,23 +131,34 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Kubectl { args } => {
             if !paths.kubeconfig().exists() {
-                bail!("the lab is not up ({} is missing): run 'ferrolb-lab up'", paths.kubeconfig().display());
+                bail!(
+                    "the lab is not up ({} is missing): run 'ferrolb-lab up'",
+                    paths.kubeconfig().display()
+                );
             }
             let mut full = vec![format!("--kubeconfig={}", paths.kubeconfig().display())];
             full.extend(args);
             exec_replace(&lifecycle::kubectl()?, &full)
         }
         Command::Exec { host, command } => {
-            let plan = lifecycle::current_plan(&paths).context("the lab is not up: run 'ferrolb-lab up'")?;
+            let plan = lifecycle::current_plan(&paths)
+                .context("the lab is not up: run 'ferrolb-lab up'")?;
             if plan.host(&host).is_none() {
                 let names: Vec<String> = plan.hosts().into_iter().map(|h| h.name).collect();
-                bail!("no host {host:?} in the lab; hosts are: {}", names.join(", "));
+                bail!(
+                    "no host {host:?} in the lab; hosts are: {}",
+                    names.join(", ")
+                );
             }
             let mut full = vec!["netns".to_string(), "exec".into(), host];
             full.extend(command);
             exec_replace(std::path::Path::new("ip"), &full)
         }
-        Command::Agent { node, index, bin_dir } => {
+        Command::Agent {
+            node,
+            index,
+            bin_dir,
+        } => {
             init_tracing(&cli.log_format);
             tracing::info!(%node, "starting node agent");
             agent::run(paths, index, bin_dir).await

@@ -52,7 +52,10 @@ mod tests {
 
     #[test]
     fn the_demo_image_runs_the_hostname_server() {
-        for i in ["alicek106/rr-test:echo-hostname", "docker.io/alicek106/rr-test:echo-hostname"] {
+        for i in [
+            "alicek106/rr-test:echo-hostname",
+            "docker.io/alicek106/rr-test:echo-hostname",
+        ] {
             assert_eq!(program_for(i), Some(Program::Hostname), "{i}");
         }
         assert_eq!(program_for("alicek106/rr-test:other"), None);
@@ -74,7 +77,13 @@ mod tests {
 
     #[test]
     fn other_images_are_refused() {
-        for i in ["nginx", "nginx:1.27", "registry:5000/nginx", "", "busybox@sha256:00"] {
+        for i in [
+            "nginx",
+            "nginx:1.27",
+            "registry:5000/nginx",
+            "",
+            "busybox@sha256:00",
+        ] {
             assert_eq!(program_for(i), None, "{i}");
         }
     }
