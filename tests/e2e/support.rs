@@ -17,26 +17,17 @@ pub fn lab_bin() -> Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("ferrolb-lab"))
-        .context("locating target directory")?;
+    let p =
+        exe.parent().and_then(|d| d.parent()).map(|d| d.join("ferrolb-lab")).context("locating target directory")?;
     if !p.is_file() {
-        bail!(
-            "{} is not built: run 'cargo build --workspace --bins' first ('make test' does)",
-            p.display()
-        );
+        bail!("{} is not built: run 'cargo build --workspace --bins' first ('make test' does)", p.display());
     }
     Ok(p)
 }
 
 /// Runs a command; its output whatever the exit status.
 pub fn output(program: &str, args: &[&str]) -> Result<Output> {
-    Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))
+    Command::new(program).args(args).output().with_context(|| format!("running {program}"))
 }
 
 /// Runs a command that must succeed; its stdout.
@@ -52,6 +43,16 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command that must fail with `needle` in its stderr; the stderr.
+pub fn fails_with(program: &str, args: &[&str], needle: &str) -> Result<String> {
+    let out = output(program, args)?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.success() || !err.contains(needle) {
+        bail!("{program} {} should fail saying {needle:?}; it said ({}): {err}", args.join(" "), out.status);
+    }
+    Ok(err)
 }
 
 /// The lab under test.
@@ -120,11 +121,7 @@ pub fn k8s_bin_dir() -> Result<PathBuf> {
 }
 
 /// Polls `f` until it returns `Ok(Some(v))`, or fails after `timeout` with the last word.
-pub fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         let last = match f() {
@@ -141,17 +138,13 @@ pub fn wait_for<T>(
 
 /// Whether a pod's Ready condition is True.
 pub fn pod_ready(p: &Value) -> bool {
-    p["status"]["conditions"].as_array().is_some_and(|cs| {
-        cs.iter()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-    })
+    p["status"]["conditions"]
+        .as_array()
+        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
 }
 
 pub fn name(v: &Value) -> String {
-    v["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    v["metadata"]["name"].as_str().unwrap_or_default().to_string()
 }
 
 /// A test case: a name and a body.

@@ -8,29 +8,18 @@ use anyhow::{Result, bail};
 pub const K8S_VERSION: &str = "v1.36.3";
 
 /// Every binary the lab needs.
-pub const REQUIRED: &[&str] = &[
-    "etcd",
-    "kube-apiserver",
-    "kube-controller-manager",
-    "kube-scheduler",
-    "kube-proxy",
-    "kubectl",
-    "helm",
-];
+pub const REQUIRED: &[&str] =
+    &["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubectl", "helm"];
 
 /// The directory holding the binaries: `$FERROLB_K8S_BIN_DIR`, else the build cache.
 pub fn dir() -> PathBuf {
     if let Some(d) = std::env::var_os("FERROLB_K8S_BIN_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }
-    let cache = std::env::var_os("FERROLB_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("/root"));
-            home.join(".cache/ferrolb")
-        });
+    let cache = std::env::var_os("FERROLB_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+        home.join(".cache/ferrolb")
+    });
     cache.join("k8s").join(K8S_VERSION).join("bin")
 }
 

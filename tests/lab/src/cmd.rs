@@ -9,18 +9,11 @@ pub enum CmdError {
     #[error("'{cmd}' could not start: {source} (is it installed? run 'make deps')")]
     Spawn { cmd: String, source: std::io::Error },
     #[error("'{cmd}' failed ({status}): {stderr}")]
-    Failed {
-        cmd: String,
-        status: String,
-        stderr: String,
-    },
+    Failed { cmd: String, status: String, stderr: String },
 }
 
 fn describe(program: &str, args: &[&str]) -> String {
-    std::iter::once(program)
-        .chain(args.iter().copied())
-        .collect::<Vec<_>>()
-        .join(" ")
+    std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ")
 }
 
 /// Runs a command to completion; a non-zero exit is an error carrying its stderr.
@@ -28,10 +21,7 @@ pub fn run(program: &str, args: &[&str]) -> Result<Output, CmdError> {
     let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|source| CmdError::Spawn {
-            cmd: describe(program, args),
-            source,
-        })?;
+        .map_err(|source| CmdError::Spawn { cmd: describe(program, args), source })?;
     if !out.status.success() {
         return Err(CmdError::Failed {
             cmd: describe(program, args),

@@ -26,17 +26,9 @@ pub async fn serve(pod: String, ports: Vec<u16>) -> Result<()> {
     let mut servers = tokio::task::JoinSet::new();
     for port in ports {
         let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        let app = app
-            .clone()
-            .into_make_service_with_connect_info::<SocketAddr>();
-        servers.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown())
-                .await
-        });
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let app = app.clone().into_make_service_with_connect_info::<SocketAddr>();
+        servers.spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown()).await });
     }
     while let Some(r) = servers.join_next().await {
         r.context("server task")?.context("serving HTTP")?;
@@ -46,10 +38,7 @@ pub async fn serve(pod: String, ports: Vec<u16>) -> Result<()> {
 
 async fn shutdown() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return std::future::pending().await;
     };
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
@@ -62,14 +51,8 @@ mod tests {
     #[test]
     fn body_names_pod_and_client_with_ipv4_unmapped() {
         let peer: SocketAddr = "[::ffff:192.0.2.100]:40000".parse().unwrap();
-        assert_eq!(
-            body("hostname-abc", peer),
-            "hostname: hostname-abc\nclient: 192.0.2.100:40000\n"
-        );
+        assert_eq!(body("hostname-abc", peer), "hostname: hostname-abc\nclient: 192.0.2.100:40000\n");
         let peer: SocketAddr = "[2001:db8:1::100]:41000".parse().unwrap();
-        assert_eq!(
-            body("p", peer),
-            "hostname: p\nclient: [2001:db8:1::100]:41000\n"
-        );
+        assert_eq!(body("p", peer), "hostname: p\nclient: [2001:db8:1::100]:41000\n");
     }
 }

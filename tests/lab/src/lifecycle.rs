@@ -52,23 +52,15 @@ pub async fn up(paths: &Paths, plan: Plan) -> Result<()> {
     std::fs::write(paths.plan(), serde_json::to_vec_pretty(&plan)?)?;
 
     pki::ensure(paths, &plan).context("creating the lab's certificates")?;
-    netns::ensure_control_plane(&plan)
-        .context("creating the control-plane namespace and the LAN")?;
+    netns::ensure_control_plane(&plan).context("creating the control-plane namespace and the LAN")?;
     for host in plan.hosts() {
         netns::ensure_host(&plan, &host).with_context(|| format!("creating host {}", host.name))?;
     }
     netns::ensure_routes(&plan).context("routing the pod CIDRs")?;
-    eprintln!(
-        "lab: network ready ({} hosts) after {:.1} s",
-        plan.hosts().len(),
-        start.elapsed().as_secs_f64()
-    );
+    eprintln!("lab: network ready ({} hosts) after {:.1} s", plan.hosts().len(), start.elapsed().as_secs_f64());
 
     control_plane::ensure(paths, &plan).await?;
-    eprintln!(
-        "lab: control plane ready after {:.1} s",
-        start.elapsed().as_secs_f64()
-    );
+    eprintln!("lab: control plane ready after {:.1} s", start.elapsed().as_secs_f64());
 
     let exe = std::env::current_exe().context("locating the ferrolb-lab binary")?;
     for node in plan.nodes() {
@@ -86,11 +78,8 @@ pub async fn up(paths: &Paths, plan: Plan) -> Result<()> {
         procs::spawn(paths, &name, Some(&node.name), &exe, &args)?;
     }
     wait_nodes_ready(paths, &plan, Duration::from_secs(90)).await?;
-    eprintln!(
-        "lab: {} nodes Ready after {:.1} s",
-        plan.nodes,
-        start.elapsed().as_secs_f64()
-    );
+    control_plane::wait_settled(paths).await?;
+    eprintln!("lab: {} nodes Ready after {:.1} s", plan.nodes, start.elapsed().as_secs_f64());
     println!("{}", paths.kubeconfig().display());
     Ok(())
 }
@@ -136,18 +125,10 @@ pub fn node_ready(n: &Node) -> bool {
 /// What `down` found left over afterwards; empty when the machine is clean.
 pub fn leftovers(paths: &Paths) -> Vec<String> {
     let mut v = Vec::new();
-    v.extend(
-        netns::lab_namespaces()
-            .into_iter()
-            .map(|n| format!("network namespace {n}")),
-    );
+    v.extend(netns::lab_namespaces().into_iter().map(|n| format!("network namespace {n}")));
     v.extend(netns::lab_links().into_iter().map(|l| format!("link {l}")));
     let needle = paths.root.display().to_string();
-    v.extend(
-        procs::pids_mentioning(&needle)
-            .into_iter()
-            .map(|p| format!("process {p}")),
-    );
+    v.extend(procs::pids_mentioning(&needle).into_iter().map(|p| format!("process {p}")));
     if paths.root.exists() {
         v.push(format!("directory {}", paths.root.display()));
     }
@@ -177,11 +158,7 @@ pub fn down(paths: &Paths) -> Result<()> {
     procs::stop_all(&in_ns, Duration::from_secs(5));
 
     // The control plane, newest first, then any stray process that names the lab directory.
-    let mut cp: Vec<i32> = control_plane::COMPONENTS
-        .iter()
-        .rev()
-        .filter_map(|c| procs::running(paths, c))
-        .collect();
+    let mut cp: Vec<i32> = control_plane::COMPONENTS.iter().rev().filter_map(|c| procs::running(paths, c)).collect();
     cp.extend(procs::pids_mentioning(&needle));
     procs::stop_all(&cp, Duration::from_secs(10));
 
@@ -192,15 +169,11 @@ pub fn down(paths: &Paths) -> Result<()> {
         let _ = netns::delete_link(&link);
     }
     if paths.root.exists() {
-        std::fs::remove_dir_all(&paths.root)
-            .with_context(|| format!("removing {}", paths.root.display()))?;
+        std::fs::remove_dir_all(&paths.root).with_context(|| format!("removing {}", paths.root.display()))?;
     }
     let left = leftovers(paths);
     if !left.is_empty() {
-        bail!(
-            "the lab could not remove: {}; run 'ferrolb-lab down' again",
-            left.join(", ")
-        );
+        bail!("the lab could not remove: {}; run 'ferrolb-lab down' again", left.join(", "));
     }
     Ok(())
 }
@@ -211,16 +184,8 @@ pub async fn status(paths: &Paths) -> Result<()> {
         println!("lab: down (no {} )", paths.plan().display());
         return Ok(());
     };
-    println!(
-        "lab: {} nodes, {:?}; kubeconfig {}",
-        plan.nodes,
-        plan.family,
-        paths.kubeconfig().display()
-    );
-    let mut names: Vec<String> = control_plane::COMPONENTS
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    println!("lab: {} nodes, {:?}; kubeconfig {}", plan.nodes, plan.family, paths.kubeconfig().display());
+    let mut names: Vec<String> = control_plane::COMPONENTS.iter().map(|s| s.to_string()).collect();
     names.extend(plan.nodes().iter().map(|n| agent_name(&n.name)));
     for n in &names {
         match procs::running(paths, n) {
@@ -229,11 +194,7 @@ pub async fn status(paths: &Paths) -> Result<()> {
         }
     }
     for h in plan.hosts() {
-        let ok = if netns::netns_exists(&h.name) {
-            "present"
-        } else {
-            "MISSING"
-        };
+        let ok = if netns::netns_exists(&h.name) { "present" } else { "MISSING" };
         let addrs: Vec<String> = h.addrs().iter().map(|a| a.to_string()).collect();
         println!("  host {:<21} {ok:<8} {}", h.name, addrs.join(" "));
     }
@@ -243,16 +204,8 @@ pub async fn status(paths: &Paths) -> Result<()> {
                 for n in list.items {
                     let name = n.metadata.name.clone().unwrap_or_default();
                     let ready = if node_ready(&n) { "Ready" } else { "NotReady" };
-                    let cordoned = n
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.unschedulable)
-                        .unwrap_or(false);
-                    let cidrs = n
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.pod_cidrs.clone())
-                        .unwrap_or_default();
+                    let cordoned = n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+                    let cidrs = n.spec.as_ref().and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
                     println!(
                         "  node {name:<21} {ready}{} pods {}",
                         if cordoned { ",SchedulingDisabled" } else { "" },

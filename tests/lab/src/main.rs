@@ -17,20 +17,10 @@ use ferrolb_lab::{agent, hostname, lifecycle};
 )]
 struct Cli {
     /// Where the lab keeps its state (certificates, kubeconfig, logs, pids).
-    #[arg(
-        long,
-        env = "FERROLB_LAB_DIR",
-        default_value = "/run/ferrolb-lab",
-        global = true
-    )]
+    #[arg(long, env = "FERROLB_LAB_DIR", default_value = "/run/ferrolb-lab", global = true)]
     lab_dir: PathBuf,
     /// Log format of the long-running parts (agent): text or json.
-    #[arg(
-        long,
-        env = "FERROLB_LOG_FORMAT",
-        default_value = "text",
-        global = true
-    )]
+    #[arg(long, env = "FERROLB_LOG_FORMAT", default_value = "text", global = true)]
     log_format: String,
     #[command(subcommand)]
     command: Command,
@@ -75,6 +65,10 @@ enum Command {
         #[arg(long, env = "FERROLB_BIN_DIR")]
         bin_dir: Option<PathBuf>,
     },
+    /// Ask the API server who we are (SelfSubjectReview) with $KUBECONFIG and print the user:
+    /// how the lab's tests see that a ferrolb image's pod gets its ServiceAccount's token.
+    #[command(hide = true)]
+    Whoami,
     /// The demo image's HTTP server (run by the agent for alicek106/rr-test:echo-hostname).
     #[command(hide = true)]
     HostnameServer {
@@ -88,14 +82,8 @@ enum Command {
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        b.json().init()
-    } else {
-        b.init()
-    }
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" { b.json().init() } else { b.init() }
 }
 
 fn exec_replace(program: &std::path::Path, args: &[String]) -> Result<()> {
@@ -105,20 +93,9 @@ fn exec_replace(program: &std::path::Path, args: &[String]) -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let paths = Paths {
-        root: cli.lab_dir.clone(),
-    };
+    let paths = Paths { root: cli.lab_dir.clone() };
     match cli.command {
-        Command::Up { nodes, ip_family } => {
-            lifecycle::up(
-                &paths,
-                Plan {
-                    nodes,
-                    family: ip_family,
-                },
-            )
-            .await
-        }
+        Command::Up { nodes, ip_family } => lifecycle::up(&paths, Plan { nodes, family: ip_family }).await,
         Command::Down => {
             lifecycle::down(&paths)?;
             eprintln!("lab: down; no namespace, link, process or file of the lab is left");
@@ -131,39 +108,39 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Kubectl { args } => {
             if !paths.kubeconfig().exists() {
-                bail!(
-                    "the lab is not up ({} is missing): run 'ferrolb-lab up'",
-                    paths.kubeconfig().display()
-                );
+                bail!("the lab is not up ({} is missing): run 'ferrolb-lab up'", paths.kubeconfig().display());
             }
             let mut full = vec![format!("--kubeconfig={}", paths.kubeconfig().display())];
             full.extend(args);
             exec_replace(&lifecycle::kubectl()?, &full)
         }
         Command::Exec { host, command } => {
-            let plan = lifecycle::current_plan(&paths)
-                .context("the lab is not up: run 'ferrolb-lab up'")?;
+            let plan = lifecycle::current_plan(&paths).context("the lab is not up: run 'ferrolb-lab up'")?;
             if plan.host(&host).is_none() {
                 let names: Vec<String> = plan.hosts().into_iter().map(|h| h.name).collect();
-                bail!(
-                    "no host {host:?} in the lab; hosts are: {}",
-                    names.join(", ")
-                );
+                bail!("no host {host:?} in the lab; hosts are: {}", names.join(", "));
             }
             let mut full = vec!["netns".to_string(), "exec".into(), host];
             full.extend(command);
             exec_replace(std::path::Path::new("ip"), &full)
         }
-        Command::Agent {
-            node,
-            index,
-            bin_dir,
-        } => {
+        Command::Agent { node, index, bin_dir } => {
             init_tracing(&cli.log_format);
             tracing::info!(%node, "starting node agent");
             agent::run(paths, index, bin_dir).await
         }
         Command::HostnameServer { pod, ports } => hostname::serve(pod, ports).await,
+        Command::Whoami => {
+            use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+            let client = kube::Client::try_default().await.context("building a client from $KUBECONFIG")?;
+            let review = kube::Api::<SelfSubjectReview>::all(client)
+                .create(&kube::api::PostParams::default(), &SelfSubjectReview::default())
+                .await
+                .context("SelfSubjectReview")?;
+            let user = review.status.and_then(|s| s.user_info).and_then(|u| u.username).unwrap_or_default();
+            println!("user: {user}");
+            Ok(())
+        }
     }
 }
 

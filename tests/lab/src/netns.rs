@@ -12,8 +12,8 @@ use ipnetwork::IpNetwork;
 
 use crate::cmd::{ip, ip_in, stdout, sysctl_in};
 use crate::plan::{
-    self, API_FROM_ROOT_V4, BRIDGE, CONTROL_PLANE_NS, CONTROL_PLANE_V4, CONTROL_PLANE_V6, Host,
-    POD_BRIDGE, Plan, ROOT_LINK, ROOT_LINK_PEER, ROOT_LINK_PREFIX, ROOT_V4,
+    self, API_FROM_ROOT_V4, BRIDGE, CONTROL_PLANE_NS, CONTROL_PLANE_V4, CONTROL_PLANE_V6, Host, POD_BRIDGE, Plan,
+    ROOT_LINK, ROOT_LINK_PEER, ROOT_LINK_PREFIX, ROOT_V4,
 };
 
 pub fn netns_exists(name: &str) -> bool {
@@ -51,10 +51,7 @@ pub fn ensure_control_plane(plan: &Plan) -> Result<()> {
     }
     ip_in(ns, &["link", "set", "lo", "up"])?;
     // Never a router between the root namespace and the LAN.
-    sysctl_in(
-        ns,
-        &["net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"],
-    )?;
+    sysctl_in(ns, &["net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"])?;
     if !link_exists_in(ns, BRIDGE) {
         ip_in(ns, &["link", "add", BRIDGE, "type", "bridge"])?;
     }
@@ -85,31 +82,10 @@ pub fn ensure_control_plane(plan: &Plan) -> Result<()> {
         if link_exists(ROOT_LINK) {
             ip(&["link", "del", ROOT_LINK])?;
         }
-        ip(&[
-            "link",
-            "add",
-            ROOT_LINK,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            ROOT_LINK_PEER,
-            "netns",
-            ns,
-        ])?;
+        ip(&["link", "add", ROOT_LINK, "type", "veth", "peer", "name", ROOT_LINK_PEER, "netns", ns])?;
     }
-    addr_add(
-        None,
-        ROOT_LINK,
-        &format!("{ROOT_V4}/{ROOT_LINK_PREFIX}"),
-        false,
-    )?;
-    addr_add(
-        Some(ns),
-        ROOT_LINK_PEER,
-        &format!("{API_FROM_ROOT_V4}/{ROOT_LINK_PREFIX}"),
-        false,
-    )?;
+    addr_add(None, ROOT_LINK, &format!("{ROOT_V4}/{ROOT_LINK_PREFIX}"), false)?;
+    addr_add(Some(ns), ROOT_LINK_PEER, &format!("{API_FROM_ROOT_V4}/{ROOT_LINK_PREFIX}"), false)?;
     ip(&["link", "set", ROOT_LINK, "up"])?;
     ip_in(ns, &["link", "set", ROOT_LINK_PEER, "up"])?;
     Ok(())
@@ -128,45 +104,26 @@ pub fn ensure_host(plan: &Plan, host: &Host) -> Result<()> {
         if link_exists_in(cp, &host.veth) {
             ip_in(cp, &["link", "del", &host.veth])?;
         }
-        ip_in(
-            cp,
-            &[
-                "link", "add", &host.veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
-            ],
-        )?;
+        ip_in(cp, &["link", "add", &host.veth, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
     }
     ip_in(cp, &["link", "set", &host.veth, "master", BRIDGE, "up"])?;
     addr_add(Some(ns), "eth0", &format!("{}/24", host.ipv4), false)?;
     if let Some(v6) = host.ipv6 {
-        addr_add(
-            Some(ns),
-            "eth0",
-            &format!("{v6}/{}", plan::LAN_V6_PREFIX),
-            true,
-        )?;
+        addr_add(Some(ns), "eth0", &format!("{v6}/{}", plan::LAN_V6_PREFIX), true)?;
     }
     ip_in(ns, &["link", "set", "eth0", "up"])?;
 
     if host.index.is_some() {
         sysctl_in(
             ns,
-            &[
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-                "net.ipv6.conf.default.accept_dad=0",
-            ],
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.accept_dad=0"],
         )?;
         if !link_exists_in(ns, POD_BRIDGE) {
             ip_in(ns, &["link", "add", POD_BRIDGE, "type", "bridge"])?;
         }
         for cidr in host.pod_cidrs(plan.family) {
             let gw = plan::gateway(&cidr);
-            addr_add(
-                Some(ns),
-                POD_BRIDGE,
-                &format!("{gw}/{}", cidr.prefix()),
-                cidr.is_ipv6(),
-            )?;
+            addr_add(Some(ns), POD_BRIDGE, &format!("{gw}/{}", cidr.prefix()), cidr.is_ipv6())?;
         }
         ip_in(ns, &["link", "set", POD_BRIDGE, "up"])?;
     }
@@ -193,16 +150,10 @@ pub fn ensure_routes(plan: &Plan) -> Result<()> {
                 match place {
                     Some(h) if h.name == node.name => {}
                     Some(h) => {
-                        ip_in(
-                            &h.name,
-                            &["route", "replace", &dst, "via", &via, "dev", "eth0"],
-                        )?;
+                        ip_in(&h.name, &["route", "replace", &dst, "via", &via, "dev", "eth0"])?;
                     }
                     None => {
-                        ip_in(
-                            CONTROL_PLANE_NS,
-                            &["route", "replace", &dst, "via", &via, "dev", BRIDGE],
-                        )?;
+                        ip_in(CONTROL_PLANE_NS, &["route", "replace", &dst, "via", &via, "dev", BRIDGE])?;
                     }
                 }
             }
@@ -229,9 +180,7 @@ pub fn is_lab_namespace(name: &str) -> bool {
     name == "client"
         || name == CONTROL_PLANE_NS
         || name.starts_with(plan::POD_NETNS_PREFIX)
-        || name
-            .strip_prefix("node-")
-            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+        || name.strip_prefix("node-").is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Root-namespace links the lab made: the link to the control plane (and any `flb-` link an
@@ -250,11 +199,7 @@ pub fn lab_links() -> Vec<String> {
 /// Process IDs running inside a namespace.
 pub fn pids_in(ns: &str) -> Vec<i32> {
     stdout("ip", &["netns", "pids", ns])
-        .map(|o| {
-            o.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
+        .map(|o| o.split_whitespace().filter_map(|p| p.parse().ok()).collect())
         .unwrap_or_default()
 }
 
@@ -273,13 +218,7 @@ mod tests {
 
     #[test]
     fn only_lab_names_are_lab_namespaces() {
-        for n in [
-            "node-1",
-            "node-9",
-            "client",
-            "control-plane",
-            "flbpod-1234abcd",
-        ] {
+        for n in ["node-1", "node-9", "client", "control-plane", "flbpod-1234abcd"] {
             assert!(is_lab_namespace(n), "{n}");
         }
         for n in ["node-", "node-a", "clients", "cni-1234", "default"] {

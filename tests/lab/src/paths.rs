@@ -12,9 +12,8 @@ pub struct Paths {
 impl Paths {
     /// `$FERROLB_LAB_DIR`, else `/run/ferrolb-lab` (tmpfs: gone after a reboot, like the lab).
     pub fn from_env() -> Self {
-        let root = std::env::var_os("FERROLB_LAB_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/run/ferrolb-lab"));
+        let root =
+            std::env::var_os("FERROLB_LAB_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/ferrolb-lab"));
         Paths { root }
     }
 
@@ -63,12 +62,7 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     f.write_all(contents)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)

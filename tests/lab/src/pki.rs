@@ -7,8 +7,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -24,21 +24,9 @@ pub struct ClientIdentity {
 
 /// The identities the lab hands out, each to one kubeconfig.
 pub const CLIENTS: &[ClientIdentity] = &[
-    ClientIdentity {
-        file: "admin",
-        user: "ferrolb-lab-admin",
-        group: Some("system:masters"),
-    },
-    ClientIdentity {
-        file: "kube-controller-manager",
-        user: "system:kube-controller-manager",
-        group: None,
-    },
-    ClientIdentity {
-        file: "kube-scheduler",
-        user: "system:kube-scheduler",
-        group: None,
-    },
+    ClientIdentity { file: "admin", user: "ferrolb-lab-admin", group: Some("system:masters") },
+    ClientIdentity { file: "kube-controller-manager", user: "system:kube-controller-manager", group: None },
+    ClientIdentity { file: "kube-scheduler", user: "system:kube-scheduler", group: None },
 ];
 
 fn validity(params: &mut CertificateParams) {
@@ -58,15 +46,10 @@ pub fn ensure(paths: &Paths, plan: &Plan) -> Result<()> {
 
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "ferrolb-lab-ca");
+    ca_params.distinguished_name.push(DnType::CommonName, "ferrolb-lab-ca");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-    ];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     validity(&mut ca_params);
     let ca_cert = ca_params.self_signed(&ca_key)?;
     write_private(&dir.join("ca.key"), ca_key.serialize_pem().as_bytes())?;
@@ -84,11 +67,7 @@ pub fn ensure(paths: &Paths, plan: &Plan) -> Result<()> {
     .iter()
     .map(|n| Ok(SanType::DnsName((*n).try_into()?)))
     .collect::<Result<_>>()?;
-    let mut ips: Vec<IpAddr> = vec![
-        IpAddr::V4(CONTROL_PLANE_V4),
-        IpAddr::V4(API_FROM_ROOT_V4),
-        "127.0.0.1".parse()?,
-    ];
+    let mut ips: Vec<IpAddr> = vec![IpAddr::V4(CONTROL_PLANE_V4), IpAddr::V4(API_FROM_ROOT_V4), "127.0.0.1".parse()?];
     if plan.dual() {
         ips.push(IpAddr::V6(crate::plan::CONTROL_PLANE_V6));
     }
@@ -96,14 +75,9 @@ pub fn ensure(paths: &Paths, plan: &Plan) -> Result<()> {
     sans.extend(ips.into_iter().map(SanType::IpAddress));
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.subject_alt_names = sans;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "kube-apiserver");
+    params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.use_authority_key_identifier_extension = true;
     validity(&mut params);
     let key = KeyPair::generate()?;
@@ -124,10 +98,7 @@ pub fn ensure(paths: &Paths, plan: &Plan) -> Result<()> {
             params.distinguished_name.push(DnType::OrganizationName, g);
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.use_authority_key_identifier_extension = true;
         validity(&mut params);
         let key = KeyPair::generate()?;
@@ -140,8 +111,7 @@ pub fn ensure(paths: &Paths, plan: &Plan) -> Result<()> {
         }
         for (path, server) in files {
             let kc = kubeconfig(&server, &ca_pem, &cert, &key, id.user);
-            write_private(&path, kc.as_bytes())
-                .with_context(|| format!("writing {}", path.display()))?;
+            write_private(&path, kc.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
         }
     }
     Ok(())

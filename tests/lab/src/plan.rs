@@ -62,11 +62,9 @@ pub const LAN_V6_PREFIX: u8 = 64;
 pub const CONTROL_PLANE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
 pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x100);
 pub const POD_CIDR_V4: Ipv4Network = ipv4_net([198, 18, 0, 0], 16);
-pub const POD_CIDR_V6: Ipv6Network =
-    ipv6_net(Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0), 56);
+pub const POD_CIDR_V6: Ipv6Network = ipv6_net(Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0), 56);
 pub const SERVICE_CIDR_V4: Ipv4Network = ipv4_net([198, 19, 0, 0], 16);
-pub const SERVICE_CIDR_V6: Ipv6Network =
-    ipv6_net(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0), 112);
+pub const SERVICE_CIDR_V6: Ipv6Network = ipv6_net(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0), 112);
 pub const NODE_PORT_RANGE: &str = "30000-32767";
 pub const API_PORT: u16 = 6443;
 /// etcd listens on the control-plane namespace's loopback.
@@ -157,9 +155,7 @@ impl Plan {
             index: Some(index),
             veth: format!("flb-n{index}"),
             ipv4: Ipv4Addr::new(192, 0, 2, 10 + index),
-            ipv6: self
-                .dual()
-                .then(|| Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, same_digits_v6(host))),
+            ipv6: self.dual().then(|| Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, same_digits_v6(host))),
         }
     }
 
@@ -207,9 +203,7 @@ impl Plan {
     pub fn kubernetes_service_ips(&self) -> Vec<IpAddr> {
         let mut v = vec![IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1))];
         if self.dual() {
-            v.push(IpAddr::V6(Ipv6Addr::new(
-                0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1,
-            )));
+            v.push(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1)));
         }
         v
     }
@@ -242,37 +236,21 @@ mod tests {
 
     #[test]
     fn nodes_follow_the_address_plan() {
-        let plan = Plan {
-            nodes: 3,
-            family: IpFamily::Dual,
-        };
+        let plan = Plan { nodes: 3, family: IpFamily::Dual };
         let n1 = plan.node(1);
         assert_eq!(n1.name, "node-1");
         assert_eq!(n1.ipv4.to_string(), "192.0.2.11");
-        assert_eq!(
-            n1.ipv6.map(|a| a.to_string()).as_deref(),
-            Some("2001:db8:1::11")
-        );
+        assert_eq!(n1.ipv6.map(|a| a.to_string()).as_deref(), Some("2001:db8:1::11"));
         assert_eq!(plan.node(3).ipv4.to_string(), "192.0.2.13");
-        let cidrs: Vec<String> = n1
-            .pod_cidrs(plan.family)
-            .iter()
-            .map(|c| c.to_string())
-            .collect();
+        let cidrs: Vec<String> = n1.pod_cidrs(plan.family).iter().map(|c| c.to_string()).collect();
         assert_eq!(cidrs, ["198.18.1.0/24", "2001:db8:100:1::/64"]);
-        assert_eq!(
-            plan.client().ipv6.map(|a| a.to_string()).as_deref(),
-            Some("2001:db8:1::100")
-        );
+        assert_eq!(plan.client().ipv6.map(|a| a.to_string()).as_deref(), Some("2001:db8:1::100"));
         assert_eq!(plan.hosts().len(), 4);
     }
 
     #[test]
     fn ipv4_only_has_no_ipv6() {
-        let plan = Plan {
-            nodes: 2,
-            family: IpFamily::Ipv4,
-        };
+        let plan = Plan { nodes: 2, family: IpFamily::Ipv4 };
         assert!(plan.hosts().iter().all(|h| h.ipv6.is_none()));
         assert_eq!(plan.node(2).pod_cidrs(plan.family).len(), 1);
         assert_eq!(plan.service_cidrs(), "198.19.0.0/16");
@@ -280,10 +258,7 @@ mod tests {
 
     #[test]
     fn every_address_is_in_a_documentation_or_benchmark_range() {
-        let plan = Plan {
-            nodes: MAX_NODES,
-            family: IpFamily::Dual,
-        };
+        let plan = Plan { nodes: MAX_NODES, family: IpFamily::Dual };
         let bench: Ipv4Network = "198.18.0.0/15".parse().unwrap();
         let doc6: Ipv6Network = "2001:db8::/32".parse().unwrap();
         for h in plan.hosts() {
@@ -309,30 +284,9 @@ mod tests {
 
     #[test]
     fn node_count_is_bounded() {
-        assert!(
-            Plan {
-                nodes: 0,
-                family: IpFamily::Dual
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            Plan {
-                nodes: 10,
-                family: IpFamily::Dual
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            Plan {
-                nodes: 9,
-                family: IpFamily::Ipv4
-            }
-            .validate()
-            .is_ok()
-        );
+        assert!(Plan { nodes: 0, family: IpFamily::Dual }.validate().is_err());
+        assert!(Plan { nodes: 10, family: IpFamily::Dual }.validate().is_err());
+        assert!(Plan { nodes: 9, family: IpFamily::Ipv4 }.validate().is_ok());
     }
 
     #[test]

@@ -18,59 +18,36 @@ pub fn alive(pid: i32) -> bool {
         return false;
     }
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(
-            |s| !matches!(s.rsplit(')').next().map(str::trim_start), Some(r) if r.starts_with('Z')),
-        )
+        .map(|s| !matches!(s.rsplit(')').next().map(str::trim_start), Some(r) if r.starts_with('Z')))
         .unwrap_or(false)
 }
 
 /// The pid recorded for a lab process, if it is still running.
 pub fn running(paths: &Paths, name: &str) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(paths.pid(name))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let pid: i32 = std::fs::read_to_string(paths.pid(name)).ok()?.trim().parse().ok()?;
     alive(pid).then_some(pid)
 }
 
 /// Starts `program args` detached, in the network namespace `netns` if given, with output
 /// appended to the lab's log for `name`. Returns at once with the pid.
-pub fn spawn(
-    paths: &Paths,
-    name: &str,
-    netns: Option<&str>,
-    program: &Path,
-    args: &[String],
-) -> Result<i32> {
+pub fn spawn(paths: &Paths, name: &str, netns: Option<&str>, program: &Path, args: &[String]) -> Result<i32> {
     std::fs::create_dir_all(paths.logs())?;
     std::fs::create_dir_all(paths.pids())?;
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(paths.log(name))?;
+    let log = File::options().create(true).append(true).open(paths.log(name))?;
     let mut cmd = match netns {
         // nsenter enters only the network namespace (unlike `ip netns exec`, which also
         // unshares the mount namespace, so namespaces the process adds would stay invisible
         // to the rest of the machine) and execs the program, so the pid is the program's own.
         Some(ns) => {
             let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{ns}"))
-                .arg("--")
-                .arg(program);
+            c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(program);
             c
         }
         None => Command::new(program),
     };
     use std::os::unix::process::CommandExt;
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0);
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", program.display()))?;
+    cmd.args(args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+    let child = cmd.spawn().with_context(|| format!("starting {}", program.display()))?;
     let pid = i32::try_from(child.id()).context("pid out of range")?;
     std::fs::write(paths.pid(name), pid.to_string())?;
     // The child outlives us; reaping is init's job once we exit.
@@ -96,19 +73,8 @@ pub fn died(paths: &Paths, name: &str) -> anyhow::Error {
             line.trim()
         );
     }
-    let tail: Vec<&str> = log
-        .lines()
-        .rev()
-        .take(15)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    anyhow::anyhow!(
-        "{name} exited; last lines of {}:\n{}",
-        paths.log(name).display(),
-        tail.join("\n")
-    )
+    let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+    anyhow::anyhow!("{name} exited; last lines of {}:\n{}", paths.log(name).display(), tail.join("\n"))
 }
 
 /// Sends TERM to each pid (and its process group), waits up to `grace`, then KILLs what is left.
@@ -144,10 +110,7 @@ pub fn pids_mentioning(needle: &str) -> Vec<i32> {
         .filter(|&pid| pid != me)
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    c.split(|&b| b == 0)
-                        .any(|arg| String::from_utf8_lossy(arg).contains(needle))
-                })
+                .map(|c| c.split(|&b| b == 0).any(|arg| String::from_utf8_lossy(arg).contains(needle)))
                 .unwrap_or(false)
         })
         .collect()

@@ -32,9 +32,9 @@ pub fn program_for(image: &str) -> Option<Program> {
         return Some(Program::Hostname);
     }
     let name = repo.rsplit('/').next().unwrap_or(repo);
-    let is_ferrolb = name.strip_prefix("ferrolb-").is_some_and(|rest| {
-        !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
-    });
+    let is_ferrolb = name
+        .strip_prefix("ferrolb-")
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'));
     is_ferrolb.then(|| Program::Ferrolb(name.to_string()))
 }
 
@@ -52,10 +52,7 @@ mod tests {
 
     #[test]
     fn the_demo_image_runs_the_hostname_server() {
-        for i in [
-            "alicek106/rr-test:echo-hostname",
-            "docker.io/alicek106/rr-test:echo-hostname",
-        ] {
+        for i in ["alicek106/rr-test:echo-hostname", "docker.io/alicek106/rr-test:echo-hostname"] {
             assert_eq!(program_for(i), Some(Program::Hostname), "{i}");
         }
         assert_eq!(program_for("alicek106/rr-test:other"), None);
@@ -77,13 +74,7 @@ mod tests {
 
     #[test]
     fn other_images_are_refused() {
-        for i in [
-            "nginx",
-            "nginx:1.27",
-            "registry:5000/nginx",
-            "",
-            "busybox@sha256:00",
-        ] {
+        for i in ["nginx", "nginx:1.27", "registry:5000/nginx", "", "busybox@sha256:00"] {
             assert_eq!(program_for(i), None, "{i}");
         }
     }

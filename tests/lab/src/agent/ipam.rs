@@ -23,10 +23,7 @@ pub struct Lease {
 
 impl Ipam {
     pub fn new(cidrs: Vec<IpNetwork>) -> Self {
-        Ipam {
-            cidrs,
-            used: BTreeSet::new(),
-        }
+        Ipam { cidrs, used: BTreeSet::new() }
     }
 
     /// The lowest free host number that every CIDR has, or `None` when the node is full.
@@ -36,19 +33,12 @@ impl Ipam {
             .iter()
             .map(|c| match c {
                 IpNetwork::V4(n) => (1u64 << (32 - u32::from(n.prefix()))).saturating_sub(2),
-                IpNetwork::V6(n) => 1u64
-                    .checked_shl(128 - u32::from(n.prefix()))
-                    .unwrap_or(u64::MAX)
-                    .saturating_sub(2),
+                IpNetwork::V6(n) => 1u64.checked_shl(128 - u32::from(n.prefix())).unwrap_or(u64::MAX).saturating_sub(2),
             })
             .min()?
             .min(u64::from(u32::MAX)) as u32;
         let host = (2..=last).find(|h| !self.used.contains(h))?;
-        let addrs = self
-            .cidrs
-            .iter()
-            .map(|c| host_addr(c, host))
-            .collect::<Option<Vec<_>>>()?;
+        let addrs = self.cidrs.iter().map(|c| host_addr(c, host)).collect::<Option<Vec<_>>>()?;
         self.used.insert(host);
         Some(Lease { host, addrs })
     }
@@ -67,10 +57,7 @@ mod tests {
     use super::*;
 
     fn nets() -> Vec<IpNetwork> {
-        vec![
-            "198.18.1.0/24".parse().unwrap(),
-            "2001:db8:100:1::/64".parse().unwrap(),
-        ]
+        vec!["198.18.1.0/24".parse().unwrap(), "2001:db8:100:1::/64".parse().unwrap()]
     }
 
     #[test]

@@ -34,15 +34,10 @@ pub async fn run(paths: Paths, index: u8, bin_dir: Option<PathBuf>) -> Result<()
 
     pods::remove_stale_pod_namespaces(&host);
     let self_exe = std::env::current_exe().context("locating ferrolb-lab")?;
-    let bin_dir = bin_dir
-        .or_else(|| self_exe.parent().map(PathBuf::from))
-        .unwrap_or_default();
+    let bin_dir = bin_dir.or_else(|| self_exe.parent().map(PathBuf::from)).unwrap_or_default();
     let recorder = Recorder::new(
         client.clone(),
-        Reporter {
-            controller: "ferrolb-lab-agent".into(),
-            instance: Some(host.name.clone()),
-        },
+        Reporter { controller: "ferrolb-lab-agent".into(), instance: Some(host.name.clone()) },
     );
     let ctx = Arc::new(pods::Ctx {
         client,

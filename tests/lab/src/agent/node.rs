@@ -27,11 +27,7 @@ pub fn now() -> serde_json::Value {
 
 /// The Node object the agent registers (pure).
 pub fn node_object(plan: &Plan, host: &Host) -> Node {
-    let cidrs: Vec<String> = host
-        .pod_cidrs(plan.family)
-        .iter()
-        .map(|c| c.to_string())
-        .collect();
+    let cidrs: Vec<String> = host.pod_cidrs(plan.family).iter().map(|c| c.to_string()).collect();
     let v = json!({
         "apiVersion": "v1",
         "kind": "Node",
@@ -52,18 +48,14 @@ pub fn node_object(plan: &Plan, host: &Host) -> Node {
 /// `since` is when the agent started: the conditions' last transition.
 pub fn node_status(host: &Host, since: &serde_json::Value) -> serde_json::Value {
     let now = now();
-    let mut addresses: Vec<serde_json::Value> = host
-        .addrs()
-        .iter()
-        .map(|a| json!({"type": "InternalIP", "address": a.to_string()}))
-        .collect();
+    let mut addresses: Vec<serde_json::Value> =
+        host.addrs().iter().map(|a| json!({"type": "InternalIP", "address": a.to_string()})).collect();
     addresses.push(json!({"type": "Hostname", "address": host.name}));
     let cond = |t: &str, status: &str, reason: &str, message: &str| {
         json!({"type": t, "status": status, "reason": reason, "message": message,
                "lastHeartbeatTime": now, "lastTransitionTime": since})
     };
-    let resources =
-        json!({"cpu": "4", "memory": "8Gi", "pods": "110", "ephemeral-storage": "20Gi"});
+    let resources = json!({"cpu": "4", "memory": "8Gi", "pods": "110", "ephemeral-storage": "20Gi"});
     json!({
         "status": {
             "conditions": [
@@ -89,22 +81,12 @@ pub fn node_status(host: &Host, since: &serde_json::Value) -> serde_json::Value 
 }
 
 fn kernel_version() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 /// Creates the Node if it does not exist, then posts its status once.
-pub async fn register(
-    nodes: &Api<Node>,
-    plan: &Plan,
-    host: &Host,
-    since: &serde_json::Value,
-) -> Result<()> {
-    match nodes
-        .create(&PostParams::default(), &node_object(plan, host))
-        .await
-    {
+pub async fn register(nodes: &Api<Node>, plan: &Plan, host: &Host, since: &serde_json::Value) -> Result<()> {
+    match nodes.create(&PostParams::default(), &node_object(plan, host)).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => return Err(e).context("registering the Node"),
@@ -114,11 +96,7 @@ pub async fn register(
 
 pub async fn post_status(nodes: &Api<Node>, host: &Host, since: &serde_json::Value) -> Result<()> {
     nodes
-        .patch_status(
-            &host.name,
-            &PatchParams::default(),
-            &Patch::Merge(node_status(host, since)),
-        )
+        .patch_status(&host.name, &PatchParams::default(), &Patch::Merge(node_status(host, since)))
         .await
         .context("posting Node status")?;
     Ok(())
@@ -143,11 +121,7 @@ pub async fn renew_lease(leases: &Api<Lease>, node: &Node) -> Result<()> {
         }
     });
     leases
-        .patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(lease),
-        )
+        .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(lease))
         .await
         .context("renewing the node Lease")?;
     Ok(())
@@ -179,25 +153,15 @@ mod tests {
 
     #[test]
     fn node_carries_pod_cidrs_and_addresses_of_the_plan() {
-        let plan = Plan {
-            nodes: 2,
-            family: IpFamily::Dual,
-        };
+        let plan = Plan { nodes: 2, family: IpFamily::Dual };
         let host = plan.node(2);
         let n = node_object(&plan, &host);
         let spec = n.spec.unwrap();
         assert_eq!(spec.pod_cidr.as_deref(), Some("198.18.2.0/24"));
-        assert_eq!(
-            spec.pod_cidrs.unwrap(),
-            ["198.18.2.0/24", "2001:db8:100:2::/64"]
-        );
+        assert_eq!(spec.pod_cidrs.unwrap(), ["198.18.2.0/24", "2001:db8:100:2::/64"]);
         let st = node_status(&host, &now());
-        let addrs: Vec<&str> = st["status"]["addresses"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a["address"].as_str().unwrap())
-            .collect();
+        let addrs: Vec<&str> =
+            st["status"]["addresses"].as_array().unwrap().iter().map(|a| a["address"].as_str().unwrap()).collect();
         assert_eq!(addrs, ["192.0.2.12", "2001:db8:1::12", "node-2"]);
     }
 }

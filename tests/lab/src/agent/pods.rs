@@ -65,10 +65,7 @@ enum Msg {
 /// and the namespaces removed, since nothing tracks them any more.
 pub fn remove_stale_pod_namespaces(host: &Host) {
     let prefix = format!("{POD_NETNS_PREFIX}{}-", host.index.unwrap_or_default());
-    for ns in crate::netns::lab_namespaces()
-        .into_iter()
-        .filter(|n| n.starts_with(&prefix))
-    {
+    for ns in crate::netns::lab_namespaces().into_iter().filter(|n| n.starts_with(&prefix)) {
         let pids = crate::netns::pids_in(&ns);
         crate::procs::stop_all(&pids, Duration::from_secs(2));
         let _ = crate::netns::delete_netns(&ns);
@@ -111,11 +108,7 @@ pub async fn run(ctx: Arc<Ctx>) -> Result<()> {
                 }
             }
             Event::InitDone => {
-                let gone: Vec<String> = workers
-                    .keys()
-                    .filter(|u| !listed.contains(*u))
-                    .cloned()
-                    .collect();
+                let gone: Vec<String> = workers.keys().filter(|u| !listed.contains(*u)).cloned().collect();
                 for uid in gone {
                     if let Some(tx) = workers.remove(&uid) {
                         let _ = tx.send(Msg::Gone);
@@ -128,10 +121,7 @@ pub async fn run(ctx: Arc<Ctx>) -> Result<()> {
 }
 
 fn is_terminal(p: &Pod) -> bool {
-    matches!(
-        p.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
+    matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
 }
 
 /// One container's process and what the kubelet would report about it.
@@ -182,11 +172,7 @@ impl Worker {
             return;
         };
         let uid = pod.uid().unwrap_or_default();
-        let short: String = uid
-            .chars()
-            .filter(|c| c.is_ascii_hexdigit())
-            .take(8)
-            .collect();
+        let short: String = uid.chars().filter(|c| c.is_ascii_hexdigit()).take(8).collect();
         let dir = ctx.paths.node_dir(ctx.node()).join("pods").join(format!(
             "{}_{}_{short}",
             pod.namespace().unwrap_or_default(),
@@ -221,16 +207,9 @@ impl Worker {
                     .pod
                     .metadata
                     .deletion_grace_period_seconds
-                    .or(w
-                        .pod
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.termination_grace_period_seconds))
+                    .or(w.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
                     .unwrap_or(30);
-                w.stop(Duration::from_secs(
-                    u64::try_from(grace.max(0)).unwrap_or(0),
-                ))
-                .await;
+                w.stop(Duration::from_secs(u64::try_from(grace.max(0)).unwrap_or(0))).await;
                 w.finish_delete().await;
                 return;
             }
@@ -248,18 +227,11 @@ impl Worker {
     }
 
     fn key(&self) -> String {
-        format!(
-            "{}/{}",
-            self.pod.namespace().unwrap_or_default(),
-            self.pod.name_any()
-        )
+        format!("{}/{}", self.pod.namespace().unwrap_or_default(), self.pod.name_any())
     }
 
     fn api(&self) -> Api<Pod> {
-        Api::namespaced(
-            self.ctx.client.clone(),
-            &self.pod.namespace().unwrap_or_default(),
-        )
+        Api::namespaced(self.ctx.client.clone(), &self.pod.namespace().unwrap_or_default())
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: &str) {
@@ -270,12 +242,7 @@ impl Worker {
             action: reason.into(),
             secondary: None,
         };
-        if let Err(e) = self
-            .ctx
-            .recorder
-            .publish(&ev, &self.pod.object_ref(&()))
-            .await
-        {
+        if let Err(e) = self.ctx.recorder.publish(&ev, &self.pod.object_ref(&())).await {
             tracing::warn!(error = %e, "publishing an event");
         }
     }
@@ -290,8 +257,7 @@ impl Worker {
                 Some(p) => programs.push(p),
                 None => {
                     let msg = images::unsupported_message(&image);
-                    self.event(EventType::Warning, "ImageNotSupported", &msg)
-                        .await;
+                    self.event(EventType::Warning, "ImageNotSupported", &msg).await;
                     self.blocked = Some(("ImageNotSupported".into(), msg));
                     return Ok(());
                 }
@@ -302,10 +268,7 @@ impl Worker {
         if spec.host_network == Some(true) {
             self.ips = self.ctx.host.addrs();
         } else {
-            let ns = format!(
-                "{POD_NETNS_PREFIX}{}-{short}",
-                self.ctx.host.index.unwrap_or_default()
-            );
+            let ns = format!("{POD_NETNS_PREFIX}{}-{short}", self.ctx.host.index.unwrap_or_default());
             self.netns = Some(ns.clone());
             let lease = self
                 .ctx
@@ -316,15 +279,10 @@ impl Worker {
                 .context("the node's pod CIDR is full")?;
             self.ips = lease.addrs.clone();
             self.lease = Some(lease);
-            setup_pod_network(&self.ctx, &ns, short, &self.ips)
-                .context("setting up the pod network")?;
+            setup_pod_network(&self.ctx, &ns, short, &self.ips).context("setting up the pod network")?;
         }
 
-        let pod_ip = self
-            .ips
-            .first()
-            .copied()
-            .unwrap_or(IpAddr::V4(self.ctx.host.ipv4));
+        let pod_ip = self.ips.first().copied().unwrap_or(IpAddr::V4(self.ctx.host.ipv4));
         let needs_token = programs.iter().any(|p| matches!(p, Program::Ferrolb(_)));
         if needs_token {
             self.refresh_token().await?;
@@ -332,10 +290,7 @@ impl Worker {
         for (c, prog) in spec.containers.iter().zip(programs) {
             let (program, args) = match prog {
                 Program::Hostname => {
-                    let mut args = vec![
-                        "hostname-server".to_string(),
-                        format!("--pod={}", self.pod.name_any()),
-                    ];
+                    let mut args = vec!["hostname-server".to_string(), format!("--pod={}", self.pod.name_any())];
                     let ports: Vec<i32> = c
                         .ports
                         .iter()
@@ -348,35 +303,21 @@ impl Worker {
                     (self.ctx.self_exe.clone(), args)
                 }
                 Program::Ferrolb(bin) => {
-                    let mut args: Vec<String> =
-                        c.command.iter().flatten().skip(1).cloned().collect();
+                    let mut args: Vec<String> = c.command.iter().flatten().skip(1).cloned().collect();
                     args.extend(c.args.iter().flatten().cloned());
                     let path = self.ctx.bin_dir.join(&bin);
                     if !path.is_file() {
-                        bail!(
-                            "{bin} is not built ({} is missing): run 'cargo build --bins'",
-                            path.display()
-                        );
+                        bail!("{bin} is not built ({} is missing): run 'cargo build --bins'", path.display());
                     }
                     (path, args)
                 }
             };
             let mut env = container_env(c, &self.pod, &self.ips, &self.ctx.host);
             if needs_token {
-                env.push((
-                    "KUBECONFIG".into(),
-                    self.dir.join("kubeconfig").display().to_string(),
-                ));
+                env.push(("KUBECONFIG".into(), self.dir.join("kubeconfig").display().to_string()));
             }
-            let probe = c
-                .readiness_probe
-                .as_ref()
-                .map(|p| (probe::check(c, p, pod_ip), probe::timing(p)));
-            let first_probe = Instant::now()
-                + probe
-                    .as_ref()
-                    .map(|(_, t)| t.initial_delay)
-                    .unwrap_or_default();
+            let probe = c.readiness_probe.as_ref().map(|p| (probe::check(c, p, pod_ip), probe::timing(p)));
+            let first_probe = Instant::now() + probe.as_ref().map(|(_, t)| t.initial_delay).unwrap_or_default();
             self.ctrs.push(Ctr {
                 spec: c.clone(),
                 program,
@@ -405,12 +346,8 @@ impl Worker {
     /// A token for the pod's ServiceAccount, bound to the pod, in a kubeconfig of its own.
     async fn refresh_token(&mut self) -> Result<()> {
         let ns = self.pod.namespace().unwrap_or_default();
-        let sa = self
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_else(|| "default".into());
+        let sa =
+            self.pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
         let req = TokenRequest {
             spec: Some(TokenRequestSpec {
                 audiences: None,
@@ -429,10 +366,7 @@ impl Worker {
             .create_token_request(&sa, &PostParams::default(), &req)
             .await
             .with_context(|| format!("requesting a token for ServiceAccount {ns}/{sa}"))?;
-        let token = tr
-            .status
-            .and_then(|s| s.token)
-            .context("the TokenRequest returned no token")?;
+        let token = tr.status.and_then(|s| s.token).context("the TokenRequest returned no token")?;
         let token_file = self.dir.join("token");
         write_private(&token_file, token.as_bytes())?;
         let kc = crate::pki::token_kubeconfig(&self.ctx.paths.pki_file("ca.crt"), &token_file, &ns);
@@ -445,10 +379,7 @@ impl Worker {
         let netns = self.netns.clone();
         let dir = self.dir.clone();
         let c = &mut self.ctrs[i];
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("{}.log", c.spec.name)))?;
+        let log = std::fs::File::options().create(true).append(true).open(dir.join(format!("{}.log", c.spec.name)))?;
         let mut cmd = match &netns {
             Some(ns) => {
                 let mut cmd = tokio::process::Command::new("ip");
@@ -459,29 +390,20 @@ impl Worker {
         };
         cmd.args(&c.args)
             .env_clear()
-            .env(
-                "PATH",
-                std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
-            )
+            .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()))
             .envs(c.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0)
             .kill_on_drop(true);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", c.program.display()))?;
+        let child = cmd.spawn().with_context(|| format!("starting {}", c.program.display()))?;
         c.pid = child.id().and_then(|p| i32::try_from(p).ok());
         c.child = Some(child);
         c.started_at = Some(now());
         c.exit_code = None;
         c.readiness = Readiness::default();
-        c.next_probe = Instant::now()
-            + c.probe
-                .as_ref()
-                .map(|(_, t)| t.initial_delay)
-                .unwrap_or_default();
+        c.next_probe = Instant::now() + c.probe.as_ref().map(|(_, t)| t.initial_delay).unwrap_or_default();
         Ok(())
     }
 
@@ -500,20 +422,14 @@ impl Worker {
     }
 
     fn reap_and_restart(&mut self) {
-        let policy = self
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.restart_policy.clone())
-            .unwrap_or_else(|| "Always".into());
+        let policy = self.pod.spec.as_ref().and_then(|s| s.restart_policy.clone()).unwrap_or_else(|| "Always".into());
         let mut to_spawn = Vec::new();
         for (i, c) in self.ctrs.iter_mut().enumerate() {
             if let Some(child) = c.child.as_mut()
                 && let Ok(Some(st)) = child.try_wait()
             {
-                let code = st.code().unwrap_or_else(|| {
-                    128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)
-                });
+                let code =
+                    st.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0));
                 let ran = c.started_at.is_some();
                 c.child = None;
                 c.pid = None;
@@ -543,11 +459,7 @@ impl Worker {
             }
             // A container that has run a while starts its backoff afresh after its next crash.
             if c.child.is_some() && c.restart_at.is_none() {
-                c.backoff = if c.restart_count == 0 {
-                    BACKOFF_START
-                } else {
-                    c.backoff
-                };
+                c.backoff = if c.restart_count == 0 { BACKOFF_START } else { c.backoff };
             }
         }
         for i in to_spawn {
@@ -582,10 +494,7 @@ impl Worker {
     }
 
     fn transition(&mut self, kind: &'static str, value: bool) -> Value {
-        let entry = self
-            .transitions
-            .entry(kind)
-            .or_insert_with(|| (value, now()));
+        let entry = self.transitions.entry(kind).or_insert_with(|| (value, now()));
         if entry.0 != value {
             *entry = (value, now());
         }
@@ -593,19 +502,16 @@ impl Worker {
     }
 
     fn status(&mut self) -> Value {
-        let spec_containers = self
-            .pod
-            .spec
-            .as_ref()
-            .map(|s| s.containers.clone())
-            .unwrap_or_default();
+        let spec_containers = self.pod.spec.as_ref().map(|s| s.containers.clone()).unwrap_or_default();
         if let Some((reason, message)) = self.blocked.clone() {
             let statuses: Vec<Value> = spec_containers
                 .iter()
-                .map(|c| json!({
-                    "name": c.name, "image": c.image, "imageID": "", "ready": false, "started": false,
-                    "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}},
-                }))
+                .map(|c| {
+                    json!({
+                        "name": c.name, "image": c.image, "imageID": "", "ready": false, "started": false,
+                        "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}},
+                    })
+                })
                 .collect();
             let t = self.transition("Ready", false);
             return json!({
@@ -621,22 +527,11 @@ impl Worker {
                 "reason": reason,
             });
         }
-        let all_ready = !self.ctrs.is_empty()
-            && self
-                .ctrs
-                .iter()
-                .all(|c| c.child.is_some() && c.readiness.ready);
+        let all_ready = !self.ctrs.is_empty() && self.ctrs.iter().all(|c| c.child.is_some() && c.readiness.ready);
         let any_running = self.ctrs.iter().any(|c| c.child.is_some());
-        let done = self
-            .ctrs
-            .iter()
-            .all(|c| c.child.is_none() && c.restart_at.is_none() && c.exit_code.is_some());
+        let done = self.ctrs.iter().all(|c| c.child.is_none() && c.restart_at.is_none() && c.exit_code.is_some());
         let phase = if done {
-            if self.ctrs.iter().all(|c| c.exit_code == Some(0)) {
-                "Succeeded"
-            } else {
-                "Failed"
-            }
+            if self.ctrs.iter().all(|c| c.exit_code == Some(0)) { "Succeeded" } else { "Failed" }
         } else if any_running || self.ctrs.iter().any(|c| c.restart_at.is_some()) {
             "Running"
         } else {
@@ -662,7 +557,8 @@ impl Worker {
                     "restartCount": c.restart_count,
                     "state": state,
                 });
-                if c.restart_count > 0 && c.child.is_some()
+                if c.restart_count > 0
+                    && c.child.is_some()
                     && let Some(t) = &c.last_term
                 {
                     s["lastState"] = json!({"terminated": t});
@@ -677,15 +573,13 @@ impl Worker {
             .filter(|c| !(c.child.is_some() && c.readiness.ready))
             .map(|c| c.spec.name.clone())
             .collect();
-        let mut ready = json!({"type": "Ready", "status": if all_ready {"True"} else {"False"}, "lastTransitionTime": t_ready});
+        let mut ready =
+            json!({"type": "Ready", "status": if all_ready {"True"} else {"False"}, "lastTransitionTime": t_ready});
         let mut cready = json!({"type": "ContainersReady", "status": if all_ready {"True"} else {"False"}, "lastTransitionTime": t_ready});
         if !all_ready {
             for c in [&mut ready, &mut cready] {
                 c["reason"] = json!("ContainersNotReady");
-                c["message"] = json!(format!(
-                    "containers with unready status: [{}]",
-                    not_ready.join(" ")
-                ));
+                c["message"] = json!(format!("containers with unready status: [{}]", not_ready.join(" ")));
             }
         }
         json!({
@@ -713,15 +607,7 @@ impl Worker {
             return;
         }
         let patch = json!({ "status": status });
-        match self
-            .api()
-            .patch_status(
-                &self.pod.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-        {
+        match self.api().patch_status(&self.pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => self.last_status = Some(status),
             Err(kube::Error::Api(s)) if s.code == 404 => self.last_status = Some(status),
             Err(e) => tracing::warn!(pod = %self.key(), error = %e, "posting pod status"),
@@ -768,10 +654,7 @@ impl Worker {
     async fn finish_delete(&self) {
         let dp = DeleteParams {
             grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions {
-                uid: self.pod.uid(),
-                resource_version: None,
-            }),
+            preconditions: Some(Preconditions { uid: self.pod.uid(), resource_version: None }),
             ..Default::default()
         };
         match self.api().delete(&self.pod.name_any(), &dp).await {
@@ -790,9 +673,7 @@ fn setup_pod_network(ctx: &Ctx, ns: &str, short: &str, ips: &[IpAddr]) -> Result
     }
     let _ = ip(&["link", "del", &veth]);
     ip(&["netns", "add", ns])?;
-    ip(&[
-        "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
-    ])?;
+    ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
     ip(&["link", "set", &veth, "master", POD_BRIDGE, "up"])?;
     ip_in(ns, &["link", "set", "lo", "up"])?;
     let cidrs = ctx.host.pod_cidrs(ctx.plan.family);
@@ -808,12 +689,7 @@ fn setup_pod_network(ctx: &Ctx, ns: &str, short: &str, ips: &[IpAddr]) -> Result
     for cidr in &cidrs {
         let gw = plan::gateway(cidr).to_string();
         let fam = if cidr.is_ipv6() { "-6" } else { "-4" };
-        ip_in(
-            ns,
-            &[
-                fam, "route", "replace", "default", "via", &gw, "dev", "eth0",
-            ],
-        )?;
+        ip_in(ns, &[fam, "route", "replace", "default", "via", &gw, "dev", "eth0"])?;
     }
     Ok(())
 }
@@ -830,25 +706,11 @@ fn container_env(c: &Container, pod: &Pod, ips: &[IpAddr], host: &Host) -> Vec<(
                 "metadata.namespace" => pod.namespace(),
                 "metadata.uid" => pod.uid(),
                 "spec.nodeName" => Some(host.name.clone()),
-                "spec.serviceAccountName" => pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.service_account_name.clone()),
+                "spec.serviceAccountName" => pod.spec.as_ref().and_then(|s| s.service_account_name.clone()),
                 "status.hostIP" => Some(host.ipv4.to_string()),
-                "status.hostIPs" => Some(
-                    host.addrs()
-                        .iter()
-                        .map(|a| a.to_string())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ),
+                "status.hostIPs" => Some(host.addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")),
                 "status.podIP" => ips.first().map(|a| a.to_string()),
-                "status.podIPs" => Some(
-                    ips.iter()
-                        .map(|a| a.to_string())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ),
+                "status.podIPs" => Some(ips.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")),
                 _ => None,
             }
         } else {

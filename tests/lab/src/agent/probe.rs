@@ -44,9 +44,7 @@ fn secs(v: Option<i32>, default: i32) -> Duration {
 }
 
 fn threshold(v: Option<i32>, default: u32) -> u32 {
-    v.and_then(|v| u32::try_from(v).ok())
-        .filter(|v| *v > 0)
-        .unwrap_or(default)
+    v.and_then(|v| u32::try_from(v).ok()).filter(|v| *v > 0).unwrap_or(default)
 }
 
 pub fn timing(p: &Probe) -> Timing {
@@ -75,54 +73,29 @@ fn port(c: &Container, p: &IntOrString) -> Option<u16> {
 /// Resolves a probe of container `c` in a pod with address `pod_ip`.
 pub fn check(c: &Container, p: &Probe, pod_ip: IpAddr) -> Check {
     if let Some(h) = &p.http_get {
-        if h.scheme
-            .as_deref()
-            .is_some_and(|s| !s.eq_ignore_ascii_case("http"))
-        {
+        if h.scheme.as_deref().is_some_and(|s| !s.eq_ignore_ascii_case("http")) {
             return Check::Unsupported("the lab runs httpGet probes over HTTP only".into());
         }
         let Some(port) = port(c, &h.port) else {
-            return Check::Unsupported(format!(
-                "probe port {:?} is not a port of the container",
-                h.port
-            ));
+            return Check::Unsupported(format!("probe port {:?} is not a port of the container", h.port));
         };
-        let ip = h
-            .host
-            .as_deref()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(pod_ip);
+        let ip = h.host.as_deref().and_then(|s| s.parse().ok()).unwrap_or(pod_ip);
         let addr = SocketAddr::new(ip, port);
         return Check::Http {
             addr,
-            path: h
-                .path
-                .clone()
-                .filter(|p| p.starts_with('/'))
-                .unwrap_or_else(|| "/".into()),
+            path: h.path.clone().filter(|p| p.starts_with('/')).unwrap_or_else(|| "/".into()),
             host_header: addr.to_string(),
         };
     }
     if let Some(t) = &p.tcp_socket {
         let Some(port) = port(c, &t.port) else {
-            return Check::Unsupported(format!(
-                "probe port {:?} is not a port of the container",
-                t.port
-            ));
+            return Check::Unsupported(format!("probe port {:?} is not a port of the container", t.port));
         };
-        let ip = t
-            .host
-            .as_deref()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(pod_ip);
-        return Check::Tcp {
-            addr: SocketAddr::new(ip, port),
-        };
+        let ip = t.host.as_deref().and_then(|s| s.parse().ok()).unwrap_or(pod_ip);
+        return Check::Tcp { addr: SocketAddr::new(ip, port) };
     }
     if let Some(e) = &p.exec {
-        return Check::Exec {
-            command: e.command.clone().unwrap_or_default(),
-        };
+        return Check::Exec { command: e.command.clone().unwrap_or_default() };
     }
     Check::Unsupported("the lab runs httpGet, tcpSocket and exec probes only".into())
 }
@@ -131,15 +104,8 @@ pub fn check(c: &Container, p: &Probe, pod_ip: IpAddr) -> Check {
 pub async fn run(check: &Check, timeout: Duration, netns: Option<&str>) -> Result<(), String> {
     let fut = async {
         match check {
-            Check::Tcp { addr } => tokio::net::TcpStream::connect(addr)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Check::Http {
-                addr,
-                path,
-                host_header,
-            } => http_get(*addr, path, host_header).await,
+            Check::Tcp { addr } => tokio::net::TcpStream::connect(addr).await.map(|_| ()).map_err(|e| e.to_string()),
+            Check::Http { addr, path, host_header } => http_get(*addr, path, host_header).await,
             Check::Exec { command } => exec(command, netns).await,
             Check::Unsupported(why) => Err(why.clone()),
         }
@@ -151,12 +117,9 @@ pub async fn run(check: &Check, timeout: Duration, netns: Option<&str>) -> Resul
 }
 
 async fn http_get(addr: SocketAddr, path: &str, host: &str) -> Result<(), String> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = hyper::Request::get(path)
         .header(hyper::header::HOST, host)
@@ -165,11 +128,7 @@ async fn http_get(addr: SocketAddr, path: &str, host: &str) -> Result<(), String
         .map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let code = resp.status().as_u16();
-    if (200..400).contains(&code) {
-        Ok(())
-    } else {
-        Err(format!("HTTP probe failed with status {code}"))
-    }
+    if (200..400).contains(&code) { Ok(()) } else { Err(format!("HTTP probe failed with status {code}")) }
 }
 
 async fn exec(command: &[String], netns: Option<&str>) -> Result<(), String> {
@@ -184,17 +143,8 @@ async fn exec(command: &[String], netns: Option<&str>) -> Result<(), String> {
         }
         None => tokio::process::Command::new(prog),
     };
-    let st = cmd
-        .args(args)
-        .kill_on_drop(true)
-        .status()
-        .await
-        .map_err(|e| e.to_string())?;
-    if st.success() {
-        Ok(())
-    } else {
-        Err(format!("exec probe exited with {st}"))
-    }
+    let st = cmd.args(args).kill_on_drop(true).status().await.map_err(|e| e.to_string())?;
+    if st.success() { Ok(()) } else { Err(format!("exec probe exited with {st}")) }
 }
 
 /// Consecutive results folded into readiness, with the probe's thresholds.
@@ -231,11 +181,7 @@ mod tests {
     fn container() -> Container {
         Container {
             name: "c".into(),
-            ports: Some(vec![ContainerPort {
-                container_port: 80,
-                name: Some("http".into()),
-                ..Default::default()
-            }]),
+            ports: Some(vec![ContainerPort { container_port: 80, name: Some("http".into()), ..Default::default() }]),
             ..Default::default()
         }
     }
@@ -271,10 +217,7 @@ mod tests {
 
     #[test]
     fn readiness_needs_failure_threshold_failures_to_drop() {
-        let t = Timing {
-            failure_threshold: 2,
-            ..timing(&Probe::default())
-        };
+        let t = Timing { failure_threshold: 2, ..timing(&Probe::default()) };
         let mut r = Readiness::default();
         r.record(true, &t);
         assert!(r.ready);
