@@ -181,7 +181,7 @@ pub fn down(paths: &Paths) -> Result<()> {
 /// A short report: the plan, each process, each node.
 pub async fn status(paths: &Paths) -> Result<()> {
     let Some(plan) = current_plan(paths) else {
-        println!("lab: down (no {} )", paths.plan().display());
+        println!("lab: down ({} does not exist)", paths.plan().display());
         return Ok(());
     };
     println!("lab: {} nodes, {:?}; kubeconfig {}", plan.nodes, plan.family, paths.kubeconfig().display());

@@ -32,7 +32,7 @@ pub async fn run(paths: Paths, index: u8, bin_dir: Option<PathBuf>) -> Result<()
     node::register(&nodes, &plan, &host, &since).await?;
     tokio::spawn(node::heartbeat(nodes, leases, host.clone(), since));
 
-    pods::remove_stale_pod_namespaces(&host);
+    pods::remove_stale_pods(&host);
     let self_exe = std::env::current_exe().context("locating ferrolb-lab")?;
     let bin_dir = bin_dir.or_else(|| self_exe.parent().map(PathBuf::from)).unwrap_or_default();
     let recorder = Recorder::new(

@@ -61,9 +61,13 @@ enum Msg {
     Gone,
 }
 
-/// Namespaces of pods of this node left from an earlier agent: their processes are killed
-/// and the namespaces removed, since nothing tracks them any more.
-pub fn remove_stale_pod_namespaces(host: &Host) {
+/// Pods of this node left from an earlier agent of it: nothing tracks them any more, so
+/// their processes are killed (host-network ones are every process of the node's namespace
+/// but this agent) and their namespaces removed. The workers start them again.
+pub fn remove_stale_pods(host: &Host) {
+    let me = std::process::id() as i32;
+    let host_network: Vec<i32> = crate::netns::pids_in(&host.name).into_iter().filter(|p| *p != me).collect();
+    crate::procs::stop_all(&host_network, Duration::from_secs(2));
     let prefix = format!("{POD_NETNS_PREFIX}{}-", host.index.unwrap_or_default());
     for ns in crate::netns::lab_namespaces().into_iter().filter(|n| n.starts_with(&prefix)) {
         let pids = crate::netns::pids_in(&ns);
@@ -139,6 +143,8 @@ struct Ctr {
     exit_code: Option<i32>,
     restart_at: Option<Instant>,
     backoff: Duration,
+    /// When the current process started, for resetting the back-off.
+    running_since: Option<Instant>,
     probe: Option<(Check, Timing)>,
     readiness: Readiness,
     next_probe: Instant,
@@ -163,6 +169,7 @@ struct Worker {
 
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_RESET: Duration = Duration::from_secs(60);
 const TICK: Duration = Duration::from_millis(200);
 const TOKEN_REFRESH: Duration = Duration::from_secs(3600);
 
@@ -331,6 +338,7 @@ impl Worker {
                 exit_code: None,
                 restart_at: None,
                 backoff: BACKOFF_START,
+                running_since: None,
                 probe,
                 readiness: Readiness::default(),
                 next_probe: first_probe,
@@ -401,6 +409,7 @@ impl Worker {
         c.pid = child.id().and_then(|p| i32::try_from(p).ok());
         c.child = Some(child);
         c.started_at = Some(now());
+        c.running_since = Some(Instant::now());
         c.exit_code = None;
         c.readiness = Readiness::default();
         c.next_probe = Instant::now() + c.probe.as_ref().map(|(_, t)| t.initial_delay).unwrap_or_default();
@@ -430,7 +439,6 @@ impl Worker {
             {
                 let code =
                     st.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0));
-                let ran = c.started_at.is_some();
                 c.child = None;
                 c.pid = None;
                 c.exit_code = Some(code);
@@ -446,7 +454,7 @@ impl Worker {
                     "OnFailure" => code != 0,
                     _ => true,
                 };
-                if restart && ran {
+                if restart {
                     c.restart_at = Some(Instant::now() + c.backoff);
                     c.backoff = (c.backoff * 2).min(BACKOFF_MAX);
                 }
@@ -457,9 +465,9 @@ impl Worker {
                 c.restart_count += 1;
                 to_spawn.push(i);
             }
-            // A container that has run a while starts its backoff afresh after its next crash.
-            if c.child.is_some() && c.restart_at.is_none() {
-                c.backoff = if c.restart_count == 0 { BACKOFF_START } else { c.backoff };
+            // A container that has run a while starts its back-off afresh after its next crash.
+            if c.child.is_some() && c.running_since.is_some_and(|t| t.elapsed() > BACKOFF_RESET) {
+                c.backoff = BACKOFF_START;
             }
         }
         for i in to_spawn {
