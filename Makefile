@@ -39,6 +39,7 @@ lab-down: build
 test: deps k8s-bins lint build
 	$(CARGO) test --workspace --exclude ferrolb-e2e
 	$(CARGO) test -p ferrolb-e2e --test lab
+	$(CARGO) test -p ferrolb-e2e --test controller
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ferrolb_e2e::{Case, Lab, fails_with, k8s_bin_dir, name, output, pod_ready, run, run_cases, wait_for};
+use ferrolb_e2e::{Case, Lab, fails_with, k8s_bin_dir, name, pod_ready, run, run_suite, wait_for};
 
 /// The demo of `make lab`.
 const DEMO: &str = include_str!("../../deploy/demo/hostname.yaml");
@@ -27,22 +27,6 @@ spec:
 "#;
 
 fn main() -> ExitCode {
-    let start = Instant::now();
-    if !nix_is_root() {
-        println!(
-            "test lab ... FAILED\n  the lab tests need root (network namespaces, the control plane): run them as root"
-        );
-        println!("test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out");
-        return ExitCode::FAILURE;
-    }
-    let lab = match Lab::new() {
-        Ok(l) => l,
-        Err(e) => {
-            println!("test lab ... FAILED\n  {e:#}");
-            println!("test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out");
-            return ExitCode::FAILURE;
-        }
-    };
     let cases: &[Case] = &[
         ("errors_name_the_fix", errors_name_the_fix),
         ("up_makes_every_node_ready", up_makes_every_node_ready),
@@ -60,23 +44,7 @@ fn main() -> ExitCode {
         ("an_ipv4_only_lab_has_no_ipv6", ipv4_only_lab),
         ("down_leaves_nothing_behind", down_leaves_nothing),
     ];
-    // A clean slate: whatever lab an earlier run left is taken down first.
-    if let Err(e) = lab.lab(&["down"]) {
-        println!("warning: initial down: {e:#}");
-    }
-    let (passed, failed) = run_cases(&lab, cases);
-    // Whatever happened, leave nothing behind.
-    let _ = output(lab.bin(), &["down"]);
-    let verdict = if failed == 0 { "ok" } else { "FAILED" };
-    println!(
-        "\ntest result: {verdict}. {passed} passed; {failed} failed; 0 ignored; 0 measured; 0 filtered out; finished in {:.2}s",
-        start.elapsed().as_secs_f64()
-    );
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
-}
-
-fn nix_is_root() -> bool {
-    run("id", &["-u"]).map(|s| s.trim() == "0").unwrap_or(false)
+    run_suite("lab", cases)
 }
 
 fn errors_name_the_fix(lab: &Lab) -> Result<()> {

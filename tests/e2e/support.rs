@@ -150,7 +150,38 @@ pub fn name(v: &Value) -> String {
 /// A test case: a name and a body.
 pub type Case = (&'static str, fn(&Lab) -> Result<()>);
 
-/// Runs cases in order, printing libtest-style lines and summary; `true` when all passed.
+/// Runs a suite against a lab of its own: fails loudly without root, takes down any lab an
+/// earlier run left, runs the cases in order, then takes the lab down whatever happened, and
+/// prints libtest's summary line.
+pub fn run_suite(suite: &str, cases: &[Case]) -> std::process::ExitCode {
+    let start = Instant::now();
+    let fail = |why: String| {
+        println!("test {suite} ... FAILED\n  {why}");
+        println!("\ntest result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out");
+        std::process::ExitCode::FAILURE
+    };
+    if run("id", &["-u"]).map(|s| s.trim() != "0").unwrap_or(true) {
+        return fail(format!("the {suite} tests need root (network namespaces, the control plane): run them as root"));
+    }
+    let lab = match Lab::new() {
+        Ok(l) => l,
+        Err(e) => return fail(format!("{e:#}")),
+    };
+    if let Err(e) = lab.lab(&["down"]) {
+        println!("warning: initial down: {e:#}");
+    }
+    let (passed, failed) = run_cases(&lab, cases);
+    let _ = output("pkill", &["-f", "ferrolb-controller --identity="]);
+    let _ = output(lab.bin(), &["down"]);
+    let verdict = if failed == 0 { "ok" } else { "FAILED" };
+    println!(
+        "\ntest result: {verdict}. {passed} passed; {failed} failed; 0 ignored; 0 measured; 0 filtered out; finished in {:.2}s",
+        start.elapsed().as_secs_f64()
+    );
+    if failed == 0 { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
+}
+
+/// Runs cases in order, printing libtest-style lines; (passed, failed).
 pub fn run_cases(lab: &Lab, cases: &[Case]) -> (usize, usize) {
     let (mut passed, mut failed) = (0, 0);
     for (name, f) in cases {
@@ -173,4 +204,93 @@ pub fn run_cases(lab: &Lab, cases: &[Case]) -> (usize, usize) {
         }
     }
     (passed, failed)
+}
+
+/// A `ferrolb-controller` process run from the root namespace against the lab, as a
+/// Deployment's replica would run (the chart issue runs it as a real pod).
+pub struct Controller {
+    pub name: String,
+    pub metrics_port: u16,
+    child: Option<std::process::Child>,
+    args: Vec<String>,
+}
+
+impl Controller {
+    pub fn bin() -> Result<PathBuf> {
+        let p = lab_bin()?.with_file_name("ferrolb-controller");
+        if !p.is_file() {
+            bail!("{} is not built: run 'cargo build --workspace --bins' first", p.display());
+        }
+        Ok(p)
+    }
+
+    pub fn log_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("ferrolb-e2e-{name}.log"))
+    }
+
+    /// Starts a replica named `name` (its lease identity), with `/metrics` on 127.0.0.1:`port`.
+    pub fn start(name: &str, metrics_port: u16, extra: &[&str]) -> Result<Self> {
+        let mut c = Controller {
+            name: name.to_string(),
+            metrics_port,
+            child: None,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        c.spawn()?;
+        Ok(c)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::File::options().create(true).append(true).open(Self::log_path(&self.name))?;
+        let child = Command::new(Self::bin()?)
+            .args([
+                format!("--identity={}", self.name),
+                format!("--metrics-addr=127.0.0.1:{}", self.metrics_port),
+                "--lease-duration=6".to_string(),
+            ])
+            .args(&self.args)
+            .env("KUBECONFIG", "/run/ferrolb-lab/kubeconfig")
+            .env("FERROLB_LOG_LEVEL", "info,kube_lease_manager=warn")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Starts it again after a stop or kill.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            self.kill();
+        }
+        self.spawn()
+    }
+
+    fn signal(&mut self, sig: &str) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args([sig, &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for it to exit (it releases its lease first).
+    pub fn stop(&mut self) {
+        self.signal("-TERM");
+    }
+
+    /// SIGKILL: a crash, the lease is left to expire.
+    pub fn kill(&mut self) {
+        self.signal("-KILL");
+    }
+
+    /// Its `/metrics` text.
+    pub fn metrics(&self) -> Result<String> {
+        run("curl", &["-sS", "--max-time", "3", &format!("http://127.0.0.1:{}/metrics", self.metrics_port)])
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -1,0 +1,731 @@
+//! The IP allocator: which service holds which address of which pool. Pure: no I/O, no
+//! clock, no Kubernetes client; the reconciler feeds it requests and restores.
+//!
+//! ```text
+//!   Pools (validated config) ──┐
+//!                              ├─> Allocator ──> Allocation { pool, ips } per service
+//!   Request per service ───────┘      │
+//!                                     └─> by_ip: address -> services holding it (sharing)
+//! ```
+//!
+//! Invariants (proptest below): every address handed out comes from a pool the service may
+//! use; an address is held by two services only when they may share it; releasing frees
+//! exactly what was held.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ferrolb_config::{Family, Pool, Pools};
+use thiserror::Error;
+
+/// A Service, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A transport protocol and port a service exposes (for IP sharing).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortKey {
+    pub protocol: String,
+    pub port: i32,
+}
+
+/// Which address families a service wants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyPolicy {
+    /// In order of preference (`spec.ipFamilies`).
+    pub families: Vec<Family>,
+    /// `RequireDualStack` and `SingleStack`: every listed family is needed. `PreferDualStack`:
+    /// the first is needed, the others are taken when a pool offers them.
+    pub require_all: bool,
+}
+
+/// What one service asks of the allocator, derived from the Service object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub key: ServiceKey,
+    pub families: FamilyPolicy,
+    /// Specific addresses asked for (annotation or `spec.loadBalancerIP`), at most one per family.
+    pub ips: Vec<IpAddr>,
+    /// A pool asked for by annotation.
+    pub pool: Option<String>,
+    /// The `allow-shared-ip` key, if any.
+    pub sharing_key: Option<String>,
+    pub ports: BTreeSet<PortKey>,
+    /// `externalTrafficPolicy: Local`: sharing then needs the same selector.
+    pub local: bool,
+    pub selector: BTreeMap<String, String>,
+    pub namespace_labels: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What a service holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    /// The pool the addresses came from; `None` for addresses restored from a Service's status
+    /// that no pool covers any more (kept until the service can be moved).
+    pub pool: Option<String>,
+    /// One per family, in the order of the request's families.
+    pub ips: Vec<IpAddr>,
+    sharing: Sharing,
+}
+
+/// What decides whether two services may share an address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Sharing {
+    key: Option<String>,
+    ports: BTreeSet<PortKey>,
+    local: bool,
+    selector: BTreeMap<String, String>,
+}
+
+impl Sharing {
+    fn of(r: &Request) -> Self {
+        Sharing { key: r.sharing_key.clone(), ports: r.ports.clone(), local: r.local, selector: r.selector.clone() }
+    }
+
+    /// `Ok` when `self` may share an address with `other`; else why not.
+    fn compatible(&self, other: &Sharing) -> Result<(), SharingConflict> {
+        match (&self.key, &other.key) {
+            (Some(a), Some(b)) if a == b => {}
+            (None, _) | (_, None) => return Err(SharingConflict::NoKey),
+            _ => return Err(SharingConflict::KeyDiffers),
+        }
+        if let Some(p) = self.ports.intersection(&other.ports).next() {
+            return Err(SharingConflict::Port(p.clone()));
+        }
+        if (self.local || other.local) && self.selector != other.selector {
+            return Err(SharingConflict::Selector);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SharingConflict {
+    NoKey,
+    KeyDiffers,
+    Port(PortKey),
+    Selector,
+}
+
+impl std::fmt::Display for SharingConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SharingConflict::NoKey => write!(f, "both services need the same ferrolb.io/allow-shared-ip key"),
+            SharingConflict::KeyDiffers => write!(f, "their ferrolb.io/allow-shared-ip keys differ"),
+            SharingConflict::Port(p) => write!(f, "both use {} port {}", p.protocol, p.port),
+            SharingConflict::Selector => {
+                write!(f, "with externalTrafficPolicy: Local both services need the same pod selector")
+            }
+        }
+    }
+}
+
+/// Why a service got no address. Each message says what to change.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum AllocError {
+    #[error("no IPAddressPool is configured: create one (kind IPAddressPool, group ferrolb.io)")]
+    NoPools,
+    #[error("pool {pool:?} (ferrolb.io/address-pool) does not exist or is not valid")]
+    UnknownPool { pool: String },
+    #[error("pool {pool:?} does not allow this service (its serviceAllocation namespaces or selectors do not match)")]
+    PoolNotAllowed { pool: String },
+    #[error("pool {pool:?} has no {family} addresses")]
+    PoolLacksFamily { pool: String, family: Family },
+    #[error("pool {pool:?} is exhausted: all its {family} addresses are in use")]
+    PoolExhausted { pool: String, family: Family },
+    #[error(
+        "no pool with {family} addresses may be used by this service (automatic assignment needs a pool with autoAssign: true whose serviceAllocation allows it)"
+    )]
+    NoPoolForFamily { family: Family },
+    #[error("{ip} is not in any IPAddressPool")]
+    OutsidePools { ip: IpAddr },
+    #[error("{ip} is not in pool {pool:?}")]
+    OutsidePool { ip: IpAddr, pool: String },
+    #[error("{ip} is an IPv4 address ending in .0 or .255, which pool {pool:?} avoids (avoidBuggyIPs)")]
+    BuggyIp { ip: IpAddr, pool: String },
+    #[error("{ip} is {family}, but the service's ipFamilies are {wanted}")]
+    WrongFamily { ip: IpAddr, family: Family, wanted: String },
+    #[error("more than one {family} address was requested ({ips}): request at most one per family")]
+    TwoOfAFamily { family: Family, ips: String },
+    #[error("{ip} is in use by {by}")]
+    InUse { ip: IpAddr, by: ServiceKey },
+    #[error("{ip} is in use by {by} and cannot be shared: {why}")]
+    SharingConflict { ip: IpAddr, by: ServiceKey, why: String },
+}
+
+/// Addresses held by each service, and the reverse index.
+#[derive(Clone, Debug, Default)]
+pub struct Allocator {
+    pools: BTreeMap<String, Pool>,
+    allocations: BTreeMap<ServiceKey, Allocation>,
+    by_ip: BTreeMap<IpAddr, BTreeSet<ServiceKey>>,
+}
+
+/// Per pool and family: addresses in use and available.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolUsage {
+    pub in_use_v4: u64,
+    pub in_use_v6: u64,
+    pub available_v4: u64,
+    pub available_v6: u64,
+}
+
+fn families_text(f: &FamilyPolicy) -> String {
+    f.families.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(",")
+}
+
+impl Allocator {
+    pub fn new(pools: &Pools) -> Self {
+        Allocator { pools: pools.pools.clone(), ..Default::default() }
+    }
+
+    pub fn pools(&self) -> &BTreeMap<String, Pool> {
+        &self.pools
+    }
+
+    /// Replaces the pools. Allocations are kept; those whose addresses no pool covers any
+    /// more are returned, so the caller can say so (their services keep working).
+    pub fn set_pools(&mut self, pools: &Pools) -> Vec<ServiceKey> {
+        self.pools = pools.pools.clone();
+        let mut orphaned = Vec::new();
+        for (key, a) in self.allocations.iter_mut() {
+            let still =
+                a.pool.as_ref().and_then(|p| self.pools.get(p)).is_some_and(|p| a.ips.iter().all(|ip| p.contains(*ip)));
+            if !still {
+                // Maybe another pool covers them now.
+                a.pool = self.pools.values().find(|p| a.ips.iter().all(|ip| p.contains(*ip))).map(|p| p.name.clone());
+                if a.pool.is_none() {
+                    orphaned.push(key.clone());
+                }
+            }
+        }
+        orphaned
+    }
+
+    pub fn get(&self, key: &ServiceKey) -> Option<&Allocation> {
+        self.allocations.get(key)
+    }
+
+    pub fn allocations(&self) -> impl Iterator<Item = (&ServiceKey, &Allocation)> {
+        self.allocations.iter()
+    }
+
+    /// Who holds an address.
+    pub fn holders(&self, ip: IpAddr) -> impl Iterator<Item = &ServiceKey> {
+        self.by_ip.get(&ip).into_iter().flatten()
+    }
+
+    /// Frees what `key` holds.
+    pub fn release(&mut self, key: &ServiceKey) -> Option<Allocation> {
+        let a = self.allocations.remove(key)?;
+        for ip in &a.ips {
+            if let Some(set) = self.by_ip.get_mut(ip) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
+        Some(a)
+    }
+
+    fn insert(&mut self, key: ServiceKey, a: Allocation) {
+        self.release(&key);
+        for ip in &a.ips {
+            self.by_ip.entry(*ip).or_default().insert(key.clone());
+        }
+        self.allocations.insert(key, a);
+    }
+
+    /// Whether `ip` may be taken by a service with `sharing` (other than `me`).
+    fn check_free(&self, ip: IpAddr, me: &ServiceKey, sharing: &Sharing) -> Result<(), AllocError> {
+        for other in self.holders(ip).filter(|k| *k != me) {
+            let Some(oa) = self.allocations.get(other) else { continue };
+            if let Err(why) = sharing.compatible(&oa.sharing) {
+                return Err(match why {
+                    SharingConflict::NoKey | SharingConflict::KeyDiffers if sharing.key.is_none() => {
+                        AllocError::InUse { ip, by: other.clone() }
+                    }
+                    why => AllocError::SharingConflict { ip, by: other.clone(), why: why.to_string() },
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back what a Service's status says it holds (at start and on leader change, before
+    /// anything new is handed out). Addresses outside every pool are kept, with no pool.
+    pub fn restore(&mut self, req: &Request, ips: &[IpAddr]) -> Result<&Allocation, AllocError> {
+        let sharing = Sharing::of(req);
+        for ip in ips {
+            self.check_free(*ip, &req.key, &sharing)?;
+        }
+        let pool = self
+            .pools
+            .values()
+            .filter(|p| ips.iter().all(|ip| p.contains(*ip)))
+            .min_by_key(|p| (req.pool.as_deref() != Some(p.name.as_str()), p.name.clone()))
+            .map(|p| p.name.clone());
+        self.insert(req.key.clone(), Allocation { pool, ips: ips.to_vec(), sharing });
+        Ok(&self.allocations[&req.key])
+    }
+
+    /// Whether what `key` holds still satisfies `req` (then nothing needs to move).
+    pub fn satisfies(&self, req: &Request) -> bool {
+        let Some(a) = self.allocations.get(&req.key) else { return false };
+        if Sharing::of(req) != a.sharing {
+            // Sharing terms changed: re-check against the other holders.
+            let sharing = Sharing::of(req);
+            if a.ips.iter().any(|ip| self.check_free(*ip, &req.key, &sharing).is_err()) {
+                return false;
+            }
+        }
+        if !req.ips.is_empty() && req.ips.iter().any(|ip| !a.ips.contains(ip)) {
+            return false;
+        }
+        if let Some(p) = &req.pool
+            && a.pool.as_ref() != Some(p)
+            && a.pool.is_some()
+        {
+            return false;
+        }
+        let held: BTreeSet<Family> = a.ips.iter().map(Family::of).collect();
+        if a.ips.iter().any(|ip| !req.families.families.contains(&Family::of(ip))) {
+            return false;
+        }
+        if req.families.require_all {
+            req.families.families.iter().all(|f| held.contains(f))
+        } else {
+            req.families.families.first().is_some_and(|f| held.contains(f))
+        }
+    }
+
+    /// Finds addresses for `req` and records them; what `req.key` held before is replaced only
+    /// on success.
+    pub fn allocate(&mut self, req: &Request) -> Result<&Allocation, AllocError> {
+        let (pool, ips) = self.choose(req)?;
+        self.insert(req.key.clone(), Allocation { pool: Some(pool), ips, sharing: Sharing::of(req) });
+        Ok(&self.allocations[&req.key])
+    }
+
+    fn choose(&self, req: &Request) -> Result<(String, Vec<IpAddr>), AllocError> {
+        if self.pools.is_empty() {
+            return Err(AllocError::NoPools);
+        }
+        let sharing = Sharing::of(req);
+        let wanted = &req.families.families;
+
+        // Specific addresses: each must be of a wanted family, at most one per family, in a
+        // usable pool (the one named, if any), and free or shareable.
+        if !req.ips.is_empty() {
+            let mut seen = BTreeSet::new();
+            for ip in &req.ips {
+                let f = Family::of(ip);
+                if !wanted.contains(&f) {
+                    return Err(AllocError::WrongFamily { ip: *ip, family: f, wanted: families_text(&req.families) });
+                }
+                if !seen.insert(f) {
+                    let ips = req.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+                    return Err(AllocError::TwoOfAFamily { family: f, ips });
+                }
+            }
+            let pool = match &req.pool {
+                Some(name) => {
+                    let p = self.pools.get(name).ok_or_else(|| AllocError::UnknownPool { pool: name.clone() })?;
+                    if let Some(ip) = req.ips.iter().find(|ip| !p.contains(**ip)) {
+                        return Err(AllocError::OutsidePool { ip: *ip, pool: name.clone() });
+                    }
+                    p
+                }
+                None => {
+                    let first = req.ips[0];
+                    self.pools
+                        .values()
+                        .find(|p| req.ips.iter().all(|ip| p.contains(*ip)))
+                        .ok_or(AllocError::OutsidePools { ip: first })?
+                }
+            };
+            if !pool.allows_service(&req.key.namespace, &req.namespace_labels, &req.labels) {
+                return Err(AllocError::PoolNotAllowed { pool: pool.name.clone() });
+            }
+            for ip in &req.ips {
+                if !pool.is_usable(*ip) {
+                    return Err(AllocError::BuggyIp { ip: *ip, pool: pool.name.clone() });
+                }
+                self.check_free(*ip, &req.key, &sharing)?;
+            }
+            if req.families.require_all
+                && let Some(f) = wanted.iter().find(|f| !seen.contains(f))
+            {
+                // The rest of the families come from the same pool.
+                let extra = self.pick(pool, *f, req, &sharing)?;
+                let mut ips = req.ips.clone();
+                ips.push(extra);
+                return Ok((pool.name.clone(), order(ips, wanted)));
+            }
+            return Ok((pool.name.clone(), order(req.ips.clone(), wanted)));
+        }
+
+        // A named pool.
+        if let Some(name) = &req.pool {
+            let p = self.pools.get(name).ok_or_else(|| AllocError::UnknownPool { pool: name.clone() })?;
+            if !p.allows_service(&req.key.namespace, &req.namespace_labels, &req.labels) {
+                return Err(AllocError::PoolNotAllowed { pool: name.clone() });
+            }
+            return self.pick_families(p, req, &sharing).map(|ips| (name.clone(), ips));
+        }
+
+        // Automatic: pools whose serviceAllocation selects this service, by priority (lower
+        // first, unset last), then the other auto-assign pools by name.
+        let mut candidates: Vec<&Pool> = self
+            .pools
+            .values()
+            .filter(|p| p.auto_assign && p.allows_service(&req.key.namespace, &req.namespace_labels, &req.labels))
+            .collect();
+        candidates.sort_by_key(|p| (p.allocation.is_none(), p.priority().is_none(), p.priority(), p.name.clone()));
+        // Prefer a pool that has every wanted family (dual-stack from one pool).
+        let mut last_err = None;
+        for p in candidates.iter().filter(|p| wanted.iter().all(|f| p.families().contains(f))) {
+            match self.pick_families(p, req, &sharing) {
+                Ok(ips) => return Ok((p.name.clone(), ips)),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        if !req.families.require_all
+            && let Some(first) = wanted.first()
+        {
+            for p in candidates.iter().filter(|p| p.families().contains(first)) {
+                match self.pick(p, *first, req, &sharing) {
+                    Ok(ip) => return Ok((p.name.clone(), vec![ip])),
+                    Err(e) => last_err = Some(e),
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| AllocError::NoPoolForFamily {
+            family: wanted
+                .iter()
+                .find(|f| !candidates.iter().any(|p| p.families().contains(f)))
+                .copied()
+                .unwrap_or(Family::V4),
+        }))
+    }
+
+    /// One address per wanted family from `pool` (only those it has, under PreferDualStack).
+    fn pick_families(&self, pool: &Pool, req: &Request, sharing: &Sharing) -> Result<Vec<IpAddr>, AllocError> {
+        let mut ips = Vec::new();
+        for (i, f) in req.families.families.iter().enumerate() {
+            let needed = req.families.require_all || i == 0;
+            if !pool.families().contains(f) {
+                if needed {
+                    return Err(AllocError::PoolLacksFamily { pool: pool.name.clone(), family: *f });
+                }
+                continue;
+            }
+            match self.pick(pool, *f, req, sharing) {
+                Ok(ip) => ips.push(ip),
+                Err(e) if needed => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(ips)
+    }
+
+    /// One address of family `f` from `pool`: one this service can share if its sharing key
+    /// has one there, else the lowest free one.
+    fn pick(&self, pool: &Pool, f: Family, req: &Request, sharing: &Sharing) -> Result<IpAddr, AllocError> {
+        if sharing.key.is_some() {
+            let shared = self.allocations.iter().filter(|(k, a)| {
+                *k != &req.key && a.sharing.key == sharing.key && a.pool.as_deref() == Some(pool.name.as_str())
+            });
+            for (_, a) in shared {
+                for ip in a.ips.iter().filter(|ip| Family::of(ip) == f) {
+                    if self.check_free(*ip, &req.key, sharing).is_ok() {
+                        return Ok(*ip);
+                    }
+                }
+            }
+        }
+        // Our own current address of that family, if the pool still has it: no needless move.
+        if let Some(a) = self.allocations.get(&req.key)
+            && let Some(ip) = a.ips.iter().find(|ip| Family::of(ip) == f && pool.is_usable(**ip))
+            && self.check_free(*ip, &req.key, sharing).is_ok()
+        {
+            return Ok(*ip);
+        }
+        pool.addresses(f)
+            .find(|ip| self.by_ip.get(ip).is_none_or(|s| s.iter().all(|k| k == &req.key)))
+            .ok_or_else(|| AllocError::PoolExhausted { pool: pool.name.clone(), family: f })
+    }
+
+    /// Addresses in use and available in each pool.
+    pub fn usage(&self) -> BTreeMap<String, PoolUsage> {
+        self.pools
+            .values()
+            .map(|p| {
+                let in_use =
+                    |f: Family| self.by_ip.keys().filter(|ip| Family::of(ip) == f && p.contains(**ip)).count() as u64;
+                let (u4, u6) = (in_use(Family::V4), in_use(Family::V6));
+                let cap = |f: Family| u64::try_from(p.usable_count(f)).unwrap_or(u64::MAX);
+                let usage = PoolUsage {
+                    in_use_v4: u4,
+                    in_use_v6: u6,
+                    available_v4: cap(Family::V4).saturating_sub(u4),
+                    available_v6: cap(Family::V6).saturating_sub(u6),
+                };
+                (p.name.clone(), usage)
+            })
+            .collect()
+    }
+}
+
+/// Orders addresses as the families are wanted.
+fn order(mut ips: Vec<IpAddr>, wanted: &[Family]) -> Vec<IpAddr> {
+    ips.sort_by_key(|ip| wanted.iter().position(|f| *f == Family::of(ip)).unwrap_or(usize::MAX));
+    ips
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrolb_api::IPAddressPoolSpec;
+    use ferrolb_config::{PoolInput, build_pools};
+    use proptest::prelude::*;
+
+    fn pools(specs: &[(&str, &[&str], bool)]) -> Pools {
+        build_pools(
+            specs
+                .iter()
+                .enumerate()
+                .map(|(i, (name, addrs, auto))| PoolInput {
+                    name: name.to_string(),
+                    labels: BTreeMap::new(),
+                    created: Some(format!("2026-01-01T00:00:{i:02}Z")),
+                    spec: IPAddressPoolSpec {
+                        addresses: addrs.iter().map(|a| a.to_string()).collect(),
+                        auto_assign: Some(*auto),
+                        ..Default::default()
+                    },
+                })
+                .collect(),
+        )
+    }
+
+    fn req(name: &str) -> Request {
+        Request {
+            key: ServiceKey { namespace: "default".into(), name: name.into() },
+            families: FamilyPolicy { families: vec![Family::V4], require_all: true },
+            ips: vec![],
+            pool: None,
+            sharing_key: None,
+            ports: [PortKey { protocol: "TCP".into(), port: 80 }].into(),
+            local: false,
+            selector: BTreeMap::new(),
+            namespace_labels: BTreeMap::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn lowest_free_address_of_the_auto_assign_pool() {
+        let p = pools(&[("lan", &["192.0.2.200-192.0.2.250"], true), ("manual", &["192.0.2.100/30"], false)]);
+        let mut a = Allocator::new(&p);
+        assert_eq!(a.allocate(&req("a")).unwrap().ips, vec![ip("192.0.2.200")]);
+        assert_eq!(a.allocate(&req("b")).unwrap().ips, vec![ip("192.0.2.201")]);
+        a.release(&req("a").key);
+        assert_eq!(a.allocate(&req("c")).unwrap().ips, vec![ip("192.0.2.200")]);
+        // The manual pool only by name.
+        let mut r = req("d");
+        r.pool = Some("manual".into());
+        assert_eq!(a.allocate(&r).unwrap().pool.as_deref(), Some("manual"));
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let p = pools(&[("lan", &["192.0.2.200/31"], true)]);
+        let mut a = Allocator::new(&p);
+        a.allocate(&req("a")).unwrap();
+        a.allocate(&req("b")).unwrap();
+        assert_eq!(
+            a.allocate(&req("c")).unwrap_err(),
+            AllocError::PoolExhausted { pool: "lan".into(), family: Family::V4 }
+        );
+
+        let mut r = req("d");
+        r.ips = vec![ip("192.0.2.200")];
+        let e = a.allocate(&r).unwrap_err();
+        assert_eq!(e, AllocError::InUse { ip: ip("192.0.2.200"), by: req("a").key });
+        assert!(e.to_string().contains("in use by default/a"), "{e}");
+
+        r.ips = vec![ip("198.18.5.5")];
+        assert_eq!(a.allocate(&r).unwrap_err(), AllocError::OutsidePools { ip: ip("198.18.5.5") });
+
+        r.ips = vec![ip("2001:db8:1::c8")];
+        assert!(matches!(a.allocate(&r).unwrap_err(), AllocError::WrongFamily { .. }));
+
+        r.ips = vec![];
+        r.pool = Some("nope".into());
+        assert_eq!(a.allocate(&r).unwrap_err(), AllocError::UnknownPool { pool: "nope".into() });
+    }
+
+    #[test]
+    fn sharing_needs_the_same_key_and_distinct_ports() {
+        let p = pools(&[("lan", &["192.0.2.200-192.0.2.250"], true)]);
+        let mut a = Allocator::new(&p);
+        let mut web = req("web");
+        web.sharing_key = Some("k".into());
+        let first = a.allocate(&web).unwrap().ips.clone();
+
+        let mut dns = req("dns");
+        dns.sharing_key = Some("k".into());
+        dns.ports = [PortKey { protocol: "UDP".into(), port: 53 }].into();
+        assert_eq!(a.allocate(&dns).unwrap().ips, first, "same key, other ports: shares");
+
+        let mut clash = req("clash");
+        clash.sharing_key = Some("k".into());
+        clash.ips = first.clone();
+        let e = a.allocate(&clash).unwrap_err();
+        assert!(e.to_string().contains("TCP port 80"), "{e}");
+
+        let mut other = req("other");
+        other.sharing_key = Some("k2".into());
+        assert_ne!(a.allocate(&other).unwrap().ips, first, "another key gets its own address");
+    }
+
+    #[test]
+    fn dual_stack_comes_from_one_pool() {
+        let p = pools(&[("lan", &["192.0.2.200-192.0.2.250", "2001:db8:1::c8-2001:db8:1::fa"], true)]);
+        let mut a = Allocator::new(&p);
+        let mut r = req("dual");
+        r.families = FamilyPolicy { families: vec![Family::V6, Family::V4], require_all: true };
+        let got = a.allocate(&r).unwrap();
+        assert_eq!(got.ips, vec![ip("2001:db8:1::c8"), ip("192.0.2.200")]);
+
+        let p4 = pools(&[("v4", &["192.0.2.200/30"], true)]);
+        let mut a = Allocator::new(&p4);
+        r.families = FamilyPolicy { families: vec![Family::V4, Family::V6], require_all: true };
+        assert!(a.allocate(&r).is_err(), "RequireDualStack needs both");
+        r.families.require_all = false;
+        assert_eq!(a.allocate(&r).unwrap().ips, vec![ip("192.0.2.200")], "PreferDualStack takes what exists");
+    }
+
+    #[test]
+    fn restore_keeps_status_and_blocks_the_address() {
+        let p = pools(&[("lan", &["192.0.2.200-192.0.2.250"], true)]);
+        let mut a = Allocator::new(&p);
+        a.restore(&req("old"), &[ip("192.0.2.210")]).unwrap();
+        assert!(a.satisfies(&req("old")));
+        let mut r = req("new");
+        r.ips = vec![ip("192.0.2.210")];
+        assert!(a.allocate(&r).is_err());
+        // Outside every pool: kept, with no pool.
+        let got = a.restore(&req("orphan"), &[ip("198.18.9.9")]).unwrap();
+        assert_eq!(got.pool, None);
+    }
+
+    #[test]
+    fn a_pool_edit_keeps_what_is_in_use() {
+        let p = pools(&[("lan", &["192.0.2.200-192.0.2.250"], true)]);
+        let mut a = Allocator::new(&p);
+        a.allocate(&req("a")).unwrap();
+        let orphaned = a.set_pools(&pools(&[("lan", &["192.0.2.220-192.0.2.250"], true)]));
+        assert_eq!(orphaned, vec![req("a").key]);
+        assert_eq!(a.get(&req("a").key).unwrap().ips, vec![ip("192.0.2.200")]);
+        // Still in use: nobody else gets it even if a pool covers it again.
+        a.set_pools(&p);
+        let mut r = req("b");
+        r.ips = vec![ip("192.0.2.200")];
+        assert!(a.allocate(&r).is_err());
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Alloc { svc: u8, key: Option<u8>, port: u16, ip: Option<u8>, pool: Option<u8> },
+        Release { svc: u8 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0u8..12, proptest::option::of(0u8..2), 1u16..4, proptest::option::of(0u8..16), proptest::option::of(0u8..3))
+                .prop_map(|(svc, key, port, ip, pool)| Op::Alloc { svc, key, port, ip, pool }),
+            1 => (0u8..12).prop_map(|svc| Op::Release { svc }),
+        ]
+    }
+
+    fn request_for(svc: u8, key: Option<u8>, port: u16, ip_: Option<u8>, pool: Option<u8>) -> Request {
+        let mut r = req(&format!("s{svc}"));
+        r.sharing_key = key.map(|k| format!("k{k}"));
+        r.ports = [PortKey { protocol: "TCP".into(), port: i32::from(port) }].into();
+        r.ips = ip_.map(|i| ip(&format!("192.0.2.{}", 200 + i))).into_iter().collect();
+        r.pool = pool.map(|p| ["a", "b", "c"][usize::from(p)].to_string());
+        r
+    }
+
+    proptest! {
+        #[test]
+        fn invariants_hold_under_any_sequence(ops in proptest::collection::vec(op(), 1..60)) {
+            let p = pools(&[("a", &["192.0.2.200-192.0.2.203"], true), ("b", &["192.0.2.204-192.0.2.207"], false), ("c", &["192.0.2.208-192.0.2.215"], true)]);
+            let mut a = Allocator::new(&p);
+            let mut reqs: BTreeMap<ServiceKey, Request> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Alloc { svc, key, port, ip, pool } => {
+                        let r = request_for(svc, key, port, ip, pool);
+                        let before = a.get(&r.key).cloned();
+                        match a.allocate(&r) {
+                            Ok(got) => {
+                                // From a pool the service may use, honouring what it asked.
+                                let pool = p.pools.get(got.pool.as_deref().unwrap()).unwrap();
+                                prop_assert!(got.ips.iter().all(|i| pool.is_usable(*i)));
+                                prop_assert!(r.ips.iter().all(|i| got.ips.contains(i)));
+                                if let Some(want) = &r.pool { prop_assert_eq!(&pool.name, want); }
+                                if r.pool.is_none() && r.ips.is_empty() { prop_assert!(pool.auto_assign); }
+                                reqs.insert(r.key.clone(), r);
+                            }
+                            // A failure leaves what was held untouched.
+                            Err(_) => prop_assert_eq!(a.get(&r.key).cloned(), before),
+                        }
+                    }
+                    Op::Release { svc } => {
+                        let key = req(&format!("s{svc}")).key;
+                        let held = a.get(&key).map(|x| x.ips.clone()).unwrap_or_default();
+                        a.release(&key);
+                        reqs.remove(&key);
+                        // Releasing frees exactly what was held: nothing of ours stays indexed.
+                        for i in held { prop_assert!(a.holders(i).all(|k| *k != key)); }
+                    }
+                }
+                // No address is held by two services unless they may share it.
+                for (key, x) in a.allocations() {
+                    for i in &x.ips {
+                        for other in a.holders(*i).filter(|o| *o != key) {
+                            let (r1, r2) = (&reqs[key], &reqs[other]);
+                            prop_assert!(Sharing::of(r1).compatible(&Sharing::of(r2)).is_ok(), "{} and {} share {}", key, other, i);
+                        }
+                    }
+                }
+                // Restoring everything into a fresh allocator, then re-checking, changes nothing.
+                let mut b = Allocator::new(&p);
+                for (key, x) in a.allocations() {
+                    prop_assert!(b.restore(&reqs[key], &x.ips).is_ok());
+                }
+                for r in reqs.values() {
+                    prop_assert!(b.satisfies(r), "{} would move after a restore", r.key);
+                }
+            }
+        }
+    }
+}

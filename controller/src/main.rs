@@ -1,0 +1,106 @@
+//! `ferrolb-controller`: parse flags, build, run, shut down.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use ferrolb_controller::controller::{self, Settings};
+use ferrolb_controller::metrics::{self, Metrics};
+use ferrolb_controller::service::ClassPolicy;
+
+#[derive(Parser, Debug)]
+#[command(name = "ferrolb-controller", version, about = "Assigns external IPs to LoadBalancer Services")]
+struct Args {
+    /// Namespace of the IPAddressPools, L2Advertisements and the leader Lease.
+    #[arg(long, env = "FERROLB_NAMESPACE", default_value = "ferrolb-system")]
+    namespace: String,
+    /// The load balancer class served.
+    #[arg(long, env = "FERROLB_LB_CLASS", default_value = ferrolb_api::annotations::DEFAULT_LOAD_BALANCER_CLASS)]
+    lb_class: String,
+    /// Serve only Services whose spec.loadBalancerClass names our class.
+    #[arg(long, env = "FERROLB_REQUIRE_LB_CLASS", default_value_t = false)]
+    require_lb_class: bool,
+    /// Also read metallb.io/v1beta1 IPAddressPools (from --metallb-namespace).
+    #[arg(long, env = "FERROLB_METALLB_COMPAT", default_value_t = false)]
+    metallb_compat: bool,
+    #[arg(long, env = "FERROLB_METALLB_NAMESPACE", default_value = "metallb-system")]
+    metallb_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "FERROLB_LEASE_NAME", default_value = "ferrolb-controller")]
+    lease_name: String,
+    /// Seconds a leader's lease lasts without renewal: a standby takes over within this after
+    /// the leader dies (at once when it stops cleanly).
+    #[arg(long, env = "FERROLB_LEASE_DURATION", default_value_t = 15)]
+    lease_duration: u64,
+    /// Identity in the Lease (default: the pod name, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "FERROLB_METRICS_ADDR", default_value = "0.0.0.0:7472")]
+    metrics_addr: SocketAddr,
+    /// Log format: text or json.
+    #[arg(long, env = "FERROLB_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+    /// Log level filter (tracing EnvFilter syntax).
+    #[arg(long, env = "FERROLB_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).context("--log-level")?;
+    let sub = tracing_subscriber::fmt().with_env_filter(filter);
+    if args.log_format == "json" {
+        sub.json().init()
+    } else {
+        sub.init()
+    }
+
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let settings = Settings {
+        class: ClassPolicy { class: args.lb_class.clone(), require: args.require_lb_class },
+        namespace: args.namespace.clone(),
+        metallb_namespace: args.metallb_compat.then(|| args.metallb_namespace.clone()),
+        lease_name: args.lease_name.clone(),
+        lease_duration: Duration::from_secs(args.lease_duration),
+        lease_grace: Duration::from_secs((args.lease_duration / 3).max(1)),
+        identity,
+    };
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let metrics = Arc::new(Metrics::default());
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut http_stop = stop_rx.clone();
+    let http = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone(), async move {
+        let _ = http_stop.changed().await;
+    }));
+    let mut ctl_stop = stop_rx;
+    let ctl = controller::run(client, settings, metrics, async move {
+        let _ = ctl_stop.changed().await;
+    });
+    tokio::pin!(ctl);
+    tokio::select! {
+        r = &mut ctl => { r?; }
+        _ = shutdown_signal() => {
+            let _ = stop_tx.send(true);
+            ctl.await?;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = http.await;
+    Ok(())
+}
