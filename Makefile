@@ -6,7 +6,7 @@ export FERROLB_K8S_BIN_DIR ?=
 
 DEB_PACKAGES := nftables iproute2 iputils-arping ndisc6 tcpdump curl openssl procps ca-certificates
 
-.PHONY: all deps k8s-bins build lab lab-down test unit e2e lint fmt
+.PHONY: all deps k8s-bins build lab lab-down test lint fmt bench-controller
 
 all: build
 
@@ -40,6 +40,11 @@ test: deps k8s-bins lint build
 	$(CARGO) test --workspace --exclude ferrolb-e2e
 	$(CARGO) test -p ferrolb-e2e --test lab
 	$(CARGO) test -p ferrolb-e2e --test controller
+
+## bench-controller: the controller benchmark table (release build, brings up its own lab).
+bench-controller: deps k8s-bins
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p ferrolb-e2e --bench controller
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -462,9 +462,27 @@ impl Allocator {
         {
             return Ok(*ip);
         }
-        pool.addresses(f)
-            .find(|ip| self.by_ip.get(ip).is_none_or(|s| s.iter().all(|k| k == &req.key)))
-            .ok_or_else(|| AllocError::PoolExhausted { pool: pool.name.clone(), family: f })
+        self.lowest_free(pool, f, &req.key).ok_or_else(|| AllocError::PoolExhausted { pool: pool.name.clone(), family: f })
+    }
+
+    /// The lowest usable address of family `f` in `pool` that nobody but `me` holds. Walks the
+    /// held addresses of each range in order, so it costs the number of held addresses in the
+    /// range, not the size of the range.
+    fn lowest_free(&self, pool: &Pool, f: Family, me: &ServiceKey) -> Option<IpAddr> {
+        for range in pool.ranges.iter().filter(|r| r.family() == f) {
+            let mut cand = Some(range.first);
+            let mut held = self.by_ip.range(range.first..=range.last).peekable();
+            while let Some(c) = cand.filter(|c| *c <= range.last) {
+                // Skip held addresses below the candidate.
+                while held.next_if(|(ip, _)| **ip < c).is_some() {}
+                let taken = held.peek().is_some_and(|(ip, keys)| **ip == c && keys.iter().any(|k| k != me));
+                if !taken && pool.is_usable(c) {
+                    return Some(c);
+                }
+                cand = next_ip(c);
+            }
+        }
+        None
     }
 
     /// Addresses in use and available in each pool.
@@ -485,6 +503,14 @@ impl Allocator {
                 (p.name.clone(), usage)
             })
             .collect()
+    }
+}
+
+/// The address after `ip`, if there is one.
+fn next_ip(ip: IpAddr) -> Option<IpAddr> {
+    match ip {
+        IpAddr::V4(a) => u32::from(a).checked_add(1).map(|n| IpAddr::V4(n.into())),
+        IpAddr::V6(a) => u128::from(a).checked_add(1).map(|n| IpAddr::V6(n.into())),
     }
 }
 
@@ -649,6 +675,67 @@ mod tests {
         let mut r = req("b");
         r.ips = vec![ip("192.0.2.200")];
         assert!(a.allocate(&r).is_err());
+    }
+
+    #[test]
+    fn service_allocation_priority_and_namespaces_choose_the_pool() {
+        use ferrolb_api::ServiceAllocation;
+        let mk = |name: &str, addr: &str, prio: Option<i32>, ns: Option<Vec<&str>>| PoolInput {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            created: None,
+            spec: IPAddressPoolSpec {
+                addresses: vec![addr.into()],
+                service_allocation: Some(ServiceAllocation {
+                    priority: prio,
+                    namespaces: ns.map(|v| v.into_iter().map(String::from).collect()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        };
+        let p = build_pools(vec![
+            mk("low", "192.0.2.10/32", Some(20), None),
+            mk("high", "192.0.2.20/32", Some(10), None),
+            mk("team", "192.0.2.30/32", Some(1), Some(vec!["team"])),
+            PoolInput {
+                name: "plain".into(),
+                labels: BTreeMap::new(),
+                created: None,
+                spec: IPAddressPoolSpec { addresses: vec!["192.0.2.40/32".into()], ..Default::default() },
+            },
+        ]);
+        let mut a = Allocator::new(&p);
+        // Priority 10 before 20; "team" only serves its namespace.
+        assert_eq!(a.allocate(&req("x")).unwrap().pool.as_deref(), Some("high"));
+        assert_eq!(a.allocate(&req("y")).unwrap().pool.as_deref(), Some("low"));
+        assert_eq!(a.allocate(&req("z")).unwrap().pool.as_deref(), Some("plain"));
+        let mut t = req("t");
+        t.key.namespace = "team".into();
+        assert_eq!(a.allocate(&t).unwrap().pool.as_deref(), Some("team"));
+        let mut intruder = req("i");
+        intruder.pool = Some("team".into());
+        assert_eq!(a.allocate(&intruder).unwrap_err(), AllocError::PoolNotAllowed { pool: "team".into() });
+    }
+
+    #[test]
+    fn local_services_share_only_with_the_same_selector() {
+        let p = pools(&[("lan", &["192.0.2.200-192.0.2.250"], true)]);
+        let mut a = Allocator::new(&p);
+        let mut one = req("one");
+        one.sharing_key = Some("k".into());
+        one.local = true;
+        one.selector = [("app".to_string(), "a".to_string())].into();
+        let ip1 = a.allocate(&one).unwrap().ips.clone();
+        let mut two = req("two");
+        two.sharing_key = Some("k".into());
+        two.ports = [PortKey { protocol: "TCP".into(), port: 443 }].into();
+        two.selector = [("app".to_string(), "b".to_string())].into();
+        two.ips = ip1.clone();
+        let e = a.allocate(&two).unwrap_err();
+        assert!(e.to_string().contains("same pod selector"), "{e}");
+        two.selector = one.selector.clone();
+        assert_eq!(a.allocate(&two).unwrap().ips, ip1);
     }
 
     #[derive(Clone, Debug)]

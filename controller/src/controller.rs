@@ -69,11 +69,15 @@ where
     let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
     let fut = async move {
         let mut stream = pin!(stream);
+        let kind = K::kind(&K::DynamicType::default()).to_string();
         while let Some(ev) = stream.next().await {
-            if let Err(e) = ev {
-                tracing::warn!(error = %e, "watch");
+            match ev {
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 404 => {
+                    tracing::error!(%kind, "the {kind} CRD is not installed: kubectl apply -f deploy/crds (the chart installs it)");
+                }
+                Err(e) => tracing::warn!(%kind, error = %e, "watch"),
+                Ok(_) => changed.notify_one(),
             }
-            changed.notify_one();
         }
     };
     (reader, fut)

@@ -1,0 +1,219 @@
+//! Controller benchmark (`make bench-controller`): prints a table, asserts nothing.
+//!
+//! 1. In memory: allocate 10,000 services from one pool; reconcile 10,000 services from
+//!    scratch, then the converged pass a new event triggers.
+//! 2. In the lab: create 1,000 LoadBalancer Services through the API and time each one
+//!    from create to `status.loadBalancer.ingress` (p50/p99), and the controller's peak RSS.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ferrolb_api::IPAddressPoolSpec;
+use ferrolb_config::{Family, PoolInput, build_pools};
+use ferrolb_controller::allocator::{Allocator, FamilyPolicy, PortKey, Request, ServiceKey};
+use ferrolb_controller::reconcile::{Action, Reconciler};
+use ferrolb_controller::service::ClassPolicy;
+use ferrolb_e2e::{Controller, Lab, run};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, PostParams};
+use kube::runtime::watcher;
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn pools(n_addr: &str) -> ferrolb_config::Pools {
+    build_pools(vec![PoolInput {
+        name: "bench".into(),
+        labels: BTreeMap::new(),
+        created: None,
+        spec: IPAddressPoolSpec { addresses: vec![n_addr.into()], ..Default::default() },
+    }])
+}
+
+fn request(i: usize) -> Request {
+    Request {
+        key: ServiceKey { namespace: "default".into(), name: format!("s{i}") },
+        families: FamilyPolicy { families: vec![Family::V4], require_all: true },
+        ips: vec![],
+        pool: None,
+        sharing_key: None,
+        ports: [PortKey { protocol: "TCP".into(), port: 80 }].into(),
+        local: false,
+        selector: BTreeMap::new(),
+        namespace_labels: BTreeMap::new(),
+        labels: BTreeMap::new(),
+    }
+}
+
+fn service(name: &str) -> Service {
+    Service {
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some("default".into()), ..Default::default() },
+        spec: Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            ports: Some(vec![ServicePort { port: 80, ..Default::default() }]),
+            ip_families: Some(vec!["IPv4".into()]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn in_memory(rows: &mut Vec<(String, String)>) {
+    let p = pools("198.18.0.0/16");
+    let mut a = Allocator::new(&p);
+    let t = Instant::now();
+    for i in 0..10_000 {
+        let _ = a.allocate(&request(i));
+    }
+    let e = t.elapsed();
+    rows.push(("allocate 10,000 services (in memory)".into(), format!("{} total, {:.1} µs each", ms(e), e.as_secs_f64() * 1e6 / 1e4)));
+
+    let mut services: Vec<Service> = (0..10_000).map(|i| service(&format!("s{i}"))).collect();
+    let mut r = Reconciler::new(ClassPolicy::default());
+    let t = Instant::now();
+    let actions = r.reconcile(&p, &services, &BTreeMap::new());
+    rows.push(("reconcile 10,000 new services (in memory)".into(), ms(t.elapsed())));
+    for act in &actions {
+        if let Action::SetStatus { key, ips } = act
+            && let Some(s) = services.iter_mut().find(|s| s.metadata.name.as_deref() == Some(key.name.as_str()))
+        {
+            s.status = Some(k8s_openapi::api::core::v1::ServiceStatus {
+                load_balancer: Some(k8s_openapi::api::core::v1::LoadBalancerStatus {
+                    ingress: Some(
+                        ips.iter()
+                            .map(|ip| k8s_openapi::api::core::v1::LoadBalancerIngress {
+                                ip: Some(ip.to_string()),
+                                ip_mode: Some("VIP".into()),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    let t = Instant::now();
+    let _ = r.reconcile(&p, &services, &BTreeMap::new());
+    rows.push(("reconcile pass over 10,000 converged services".into(), ms(t.elapsed())));
+    let mut fresh = Reconciler::new(ClassPolicy::default());
+    let t = Instant::now();
+    let moved = fresh.reconcile(&p, &services, &BTreeMap::new()).iter().filter(|a| matches!(a, Action::SetStatus { .. })).count();
+    rows.push(("new leader: restore 10,000 from status".into(), format!("{} ({moved} moves)", ms(t.elapsed()))));
+    if let Some(kib) = vm_hwm_kib(std::process::id()) {
+        rows.push(("bench process peak RSS after 10,000 in memory".into(), format!("{:.1} MiB", kib as f64 / 1024.0)));
+    }
+}
+
+async fn in_lab(lab: &Lab, rows: &mut Vec<(String, String)>) -> Result<()> {
+    lab.lab(&["up"])?;
+    lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds")])?;
+    lab.kubectl(&["wait", "--for=condition=Established", "crd/ipaddresspools.ferrolb.io", "--timeout=30s"])?;
+    let _ = lab.kubectl(&["create", "namespace", "ferrolb-system"]);
+    lab.apply(
+        "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: bench, namespace: ferrolb-system}\nspec:\n  addresses: [198.18.96.0/22]\n",
+    )?;
+    let ctl = Controller::start("bench", 17479, &[])?;
+    let pid = ctl_pid()?;
+
+    let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from("/run/ferrolb-lab/kubeconfig")?,
+        &Default::default(),
+    )
+    .await?)?;
+    let api: Api<Service> = Api::namespaced(client, "default");
+    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let done: Arc<Mutex<HashMap<String, Duration>>> = Arc::default();
+    let (c2, d2, api2) = (created.clone(), done.clone(), api.clone());
+    let watch = tokio::spawn(async move {
+        let mut s = std::pin::pin!(watcher::watcher(api2, watcher::Config::default()));
+        while let Some(Ok(ev)) = s.next().await {
+            if let watcher::Event::Apply(svc) | watcher::Event::InitApply(svc) = ev {
+                let has = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref()).is_some_and(|i| !i.is_empty());
+                let name = svc.metadata.name.clone().unwrap_or_default();
+                if has && let Some(t0) = c2.lock().ok().and_then(|c| c.get(&name).copied()) {
+                    d2.lock().map(|mut d| d.entry(name).or_insert(t0.elapsed()).to_owned()).ok();
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    const N: usize = 1000;
+    let t_all = Instant::now();
+    futures::stream::iter(0..N)
+        .for_each_concurrent(8, |i| {
+            let (api, created) = (api.clone(), created.clone());
+            async move {
+                let name = format!("bench-{i:04}");
+                if let Ok(mut c) = created.lock() {
+                    c.insert(name.clone(), Instant::now());
+                }
+                if let Err(e) = api.create(&PostParams::default(), &service(&name)).await {
+                    eprintln!("create {name}: {e}");
+                }
+            }
+        })
+        .await;
+    let create_secs = t_all.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done.lock().map(|d| d.len()).unwrap_or(0) < N && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all_secs = t_all.elapsed().as_secs_f64();
+    watch.abort();
+    let mut lat: Vec<Duration> = done.lock().map(|d| d.values().copied().collect()).unwrap_or_default();
+    lat.sort();
+    rows.push((
+        format!("lab: {N} Services created ({:.0}/s, 8 at a time)", N as f64 / create_secs),
+        format!("{} got an address, all within {all_secs:.1} s", lat.len()),
+    ));
+    rows.push(("lab: create -> status.loadBalancer.ingress p50".into(), ms(pct(&lat, 0.50))));
+    rows.push(("lab: create -> status.loadBalancer.ingress p99".into(), ms(pct(&lat, 0.99))));
+    rows.push(("lab: create -> status.loadBalancer.ingress max".into(), ms(lat.last().copied().unwrap_or_default())));
+    if let Some(kib) = vm_hwm_kib(pid) {
+        rows.push((format!("lab: controller peak RSS ({N} services)"), format!("{:.1} MiB", kib as f64 / 1024.0)));
+    }
+    drop(ctl);
+    Ok(())
+}
+
+fn ctl_pid() -> Result<u32> {
+    let out = run("pgrep", &["-f", "ferrolb-controller --identity=bench"])?;
+    out.split_whitespace().next().and_then(|p| p.parse().ok()).context("controller pid")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut rows = Vec::new();
+    in_memory(&mut rows);
+    let lab = Lab::new()?;
+    let _ = lab.lab(&["down"]);
+    let r = in_lab(&lab, &mut rows).await;
+    let _ = lab.lab(&["down"]);
+    r?;
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    println!("\nferrolb-controller benchmark ({})", if cfg!(debug_assertions) { "debug build" } else { "release build" });
+    println!("{:-<1$}", "", w + 30);
+    for (k, v) in &rows {
+        println!("{k:<w$}  {v}");
+    }
+    Ok(())
+}
