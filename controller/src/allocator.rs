@@ -67,6 +67,25 @@ pub struct Request {
     pub labels: BTreeMap<String, String>,
 }
 
+impl Request {
+    /// A single-stack IPv4 request of `namespace/name` for TCP port 80 with nothing else asked:
+    /// the plain case, for tests and benchmarks to start from.
+    pub fn ipv4_default(namespace: &str, name: &str) -> Self {
+        Request {
+            key: ServiceKey { namespace: namespace.into(), name: name.into() },
+            families: FamilyPolicy { families: vec![Family::V4], require_all: true },
+            ips: vec![],
+            pool: None,
+            sharing_key: None,
+            ports: [PortKey { protocol: "TCP".into(), port: 80 }].into(),
+            local: false,
+            selector: BTreeMap::new(),
+            namespace_labels: BTreeMap::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
 /// What a service holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Allocation {
@@ -462,7 +481,8 @@ impl Allocator {
         {
             return Ok(*ip);
         }
-        self.lowest_free(pool, f, &req.key).ok_or_else(|| AllocError::PoolExhausted { pool: pool.name.clone(), family: f })
+        self.lowest_free(pool, f, &req.key)
+            .ok_or_else(|| AllocError::PoolExhausted { pool: pool.name.clone(), family: f })
     }
 
     /// The lowest usable address of family `f` in `pool` that nobody but `me` holds. Walks the
@@ -547,18 +567,7 @@ mod tests {
     }
 
     fn req(name: &str) -> Request {
-        Request {
-            key: ServiceKey { namespace: "default".into(), name: name.into() },
-            families: FamilyPolicy { families: vec![Family::V4], require_all: true },
-            ips: vec![],
-            pool: None,
-            sharing_key: None,
-            ports: [PortKey { protocol: "TCP".into(), port: 80 }].into(),
-            local: false,
-            selector: BTreeMap::new(),
-            namespace_labels: BTreeMap::new(),
-            labels: BTreeMap::new(),
-        }
+        Request::ipv4_default("default", name)
     }
 
     fn ip(s: &str) -> IpAddr {

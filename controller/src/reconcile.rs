@@ -210,9 +210,7 @@ mod tests {
     use super::*;
     use ferrolb_api::IPAddressPoolSpec;
     use ferrolb_config::{PoolInput, build_pools};
-    use k8s_openapi::api::core::v1::{
-        LoadBalancerIngress, LoadBalancerStatus, ServicePort, ServiceSpec, ServiceStatus,
-    };
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
     use proptest::prelude::*;
 
@@ -245,20 +243,8 @@ mod tests {
     }
 
     fn with_status(mut s: Service, ips: &[&str]) -> Service {
-        s.status = Some(ServiceStatus {
-            load_balancer: Some(LoadBalancerStatus {
-                ingress: Some(
-                    ips.iter()
-                        .map(|ip| LoadBalancerIngress {
-                            ip: Some(ip.to_string()),
-                            ip_mode: Some("VIP".into()),
-                            ..Default::default()
-                        })
-                        .collect(),
-                ),
-            }),
-            ..Default::default()
-        });
+        let ips: Vec<IpAddr> = ips.iter().map(|i| i.parse().unwrap()).collect();
+        service::set_status_ips(&mut s, &ips);
         s
     }
 
@@ -268,9 +254,7 @@ mod tests {
             match a {
                 Action::SetStatus { key, ips } => {
                     if let Some(s) = services.iter_mut().find(|s| service::key(s) == *key) {
-                        let strs: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
-                        let refs: Vec<&str> = strs.iter().map(String::as_str).collect();
-                        *s = with_status(s.clone(), &refs);
+                        service::set_status_ips(s, ips);
                     }
                 }
                 Action::SetPoolAnnotation { key, pool } => {

@@ -56,6 +56,18 @@ pub fn status_ips(svc: &Service) -> Vec<IpAddr> {
         .collect()
 }
 
+/// Sets the Service's status to hold `ips` (`ipMode: VIP`), as the API server does with the
+/// controller's status write: the inverse of [`status_ips`].
+pub fn set_status_ips(svc: &mut Service, ips: &[IpAddr]) {
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus};
+    let ingress: Vec<LoadBalancerIngress> = ips
+        .iter()
+        .map(|ip| LoadBalancerIngress { ip: Some(ip.to_string()), ip_mode: Some("VIP".into()), ..Default::default() })
+        .collect();
+    let status = svc.status.get_or_insert_with(Default::default);
+    status.load_balancer = Some(LoadBalancerStatus { ingress: (!ingress.is_empty()).then_some(ingress) });
+}
+
 fn family_of_name(s: &str) -> Option<Family> {
     match s {
         "IPv4" => Some(Family::V4),

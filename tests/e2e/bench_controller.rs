@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ferrolb_api::IPAddressPoolSpec;
-use ferrolb_config::{Family, PoolInput, build_pools};
-use ferrolb_controller::allocator::{Allocator, FamilyPolicy, PortKey, Request, ServiceKey};
+use ferrolb_config::{PoolInput, build_pools};
+use ferrolb_controller::allocator::{Allocator, Request};
 use ferrolb_controller::reconcile::{Action, Reconciler};
 use ferrolb_controller::service::ClassPolicy;
 use ferrolb_e2e::{Controller, Lab, run};
@@ -44,18 +44,7 @@ fn pools(n_addr: &str) -> ferrolb_config::Pools {
 }
 
 fn request(i: usize) -> Request {
-    Request {
-        key: ServiceKey { namespace: "default".into(), name: format!("s{i}") },
-        families: FamilyPolicy { families: vec![Family::V4], require_all: true },
-        ips: vec![],
-        pool: None,
-        sharing_key: None,
-        ports: [PortKey { protocol: "TCP".into(), port: 80 }].into(),
-        local: false,
-        selector: BTreeMap::new(),
-        namespace_labels: BTreeMap::new(),
-        labels: BTreeMap::new(),
-    }
+    Request::ipv4_default("default", &format!("s{i}"))
 }
 
 fn service(name: &str) -> Service {
@@ -84,31 +73,23 @@ fn in_memory(rows: &mut Vec<(String, String)>) {
         let _ = a.allocate(&request(i));
     }
     let e = t.elapsed();
-    rows.push(("allocate 10,000 services (in memory)".into(), format!("{} total, {:.1} µs each", ms(e), e.as_secs_f64() * 1e6 / 1e4)));
+    rows.push((
+        "allocate 10,000 services (in memory)".into(),
+        format!("{} total, {:.1} µs each", ms(e), e.as_secs_f64() * 1e6 / 1e4),
+    ));
 
     let mut services: Vec<Service> = (0..10_000).map(|i| service(&format!("s{i}"))).collect();
     let mut r = Reconciler::new(ClassPolicy::default());
     let t = Instant::now();
     let actions = r.reconcile(&p, &services, &BTreeMap::new());
     rows.push(("reconcile 10,000 new services (in memory)".into(), ms(t.elapsed())));
+    let by_name: HashMap<String, usize> =
+        services.iter().enumerate().map(|(i, s)| (s.metadata.name.clone().unwrap_or_default(), i)).collect();
     for act in &actions {
         if let Action::SetStatus { key, ips } = act
-            && let Some(s) = services.iter_mut().find(|s| s.metadata.name.as_deref() == Some(key.name.as_str()))
+            && let Some(i) = by_name.get(&key.name)
         {
-            s.status = Some(k8s_openapi::api::core::v1::ServiceStatus {
-                load_balancer: Some(k8s_openapi::api::core::v1::LoadBalancerStatus {
-                    ingress: Some(
-                        ips.iter()
-                            .map(|ip| k8s_openapi::api::core::v1::LoadBalancerIngress {
-                                ip: Some(ip.to_string()),
-                                ip_mode: Some("VIP".into()),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    ),
-                }),
-                ..Default::default()
-            });
+            ferrolb_controller::service::set_status_ips(&mut services[*i], ips);
         }
     }
     let t = Instant::now();
@@ -116,7 +97,11 @@ fn in_memory(rows: &mut Vec<(String, String)>) {
     rows.push(("reconcile pass over 10,000 converged services".into(), ms(t.elapsed())));
     let mut fresh = Reconciler::new(ClassPolicy::default());
     let t = Instant::now();
-    let moved = fresh.reconcile(&p, &services, &BTreeMap::new()).iter().filter(|a| matches!(a, Action::SetStatus { .. })).count();
+    let moved = fresh
+        .reconcile(&p, &services, &BTreeMap::new())
+        .iter()
+        .filter(|a| matches!(a, Action::SetStatus { .. }))
+        .count();
     rows.push(("new leader: restore 10,000 from status".into(), format!("{} ({moved} moves)", ms(t.elapsed()))));
     if let Some(kib) = vm_hwm_kib(std::process::id()) {
         rows.push(("bench process peak RSS after 10,000 in memory".into(), format!("{:.1} MiB", kib as f64 / 1024.0)));
@@ -134,11 +119,13 @@ async fn in_lab(lab: &Lab, rows: &mut Vec<(String, String)>) -> Result<()> {
     let ctl = Controller::start("bench", 17479, &[])?;
     let pid = ctl_pid()?;
 
-    let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::read_from("/run/ferrolb-lab/kubeconfig")?,
-        &Default::default(),
-    )
-    .await?)?;
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from("/run/ferrolb-lab/kubeconfig")?,
+            &Default::default(),
+        )
+        .await?,
+    )?;
     let api: Api<Service> = Api::namespaced(client, "default");
     let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let done: Arc<Mutex<HashMap<String, Duration>>> = Arc::default();
@@ -147,7 +134,12 @@ async fn in_lab(lab: &Lab, rows: &mut Vec<(String, String)>) -> Result<()> {
         let mut s = std::pin::pin!(watcher::watcher(api2, watcher::Config::default()));
         while let Some(Ok(ev)) = s.next().await {
             if let watcher::Event::Apply(svc) | watcher::Event::InitApply(svc) = ev {
-                let has = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref()).is_some_and(|i| !i.is_empty());
+                let has = svc
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.load_balancer.as_ref())
+                    .and_then(|l| l.ingress.as_ref())
+                    .is_some_and(|i| !i.is_empty());
                 let name = svc.metadata.name.clone().unwrap_or_default();
                 if has && let Some(t0) = c2.lock().ok().and_then(|c| c.get(&name).copied()) {
                     d2.lock().map(|mut d| d.entry(name).or_insert(t0.elapsed()).to_owned()).ok();
@@ -210,7 +202,10 @@ async fn main() -> Result<()> {
     let _ = lab.lab(&["down"]);
     r?;
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    println!("\nferrolb-controller benchmark ({})", if cfg!(debug_assertions) { "debug build" } else { "release build" });
+    println!(
+        "\nferrolb-controller benchmark ({})",
+        if cfg!(debug_assertions) { "debug build" } else { "release build" }
+    );
     println!("{:-<1$}", "", w + 30);
     for (k, v) in &rows {
         println!("{k:<w$}  {v}");
