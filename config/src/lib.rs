@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod advertisement;
+mod class;
 mod error;
 mod family;
 mod pool;
@@ -27,6 +28,7 @@ mod range;
 mod selector;
 
 pub use advertisement::{Advertisement, build_advertisements};
+pub use class::ClassPolicy;
 pub use error::ConfigError;
 pub use family::Family;
 pub use pool::{Pool, PoolInput, Pools, ServiceAllocation, build_pools};

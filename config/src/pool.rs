@@ -23,6 +23,22 @@ pub struct PoolInput {
     pub spec: IPAddressPoolSpec,
 }
 
+impl PoolInput {
+    /// A pool object as read from the API (`ferrolb.io` or, with compatibility on, `metallb.io`).
+    pub fn from_object<K>(pool: &K) -> Self
+    where
+        K: kube::Resource + kube::core::object::HasSpec<Spec = IPAddressPoolSpec>,
+    {
+        let meta = pool.meta();
+        PoolInput {
+            name: meta.name.clone().unwrap_or_default(),
+            labels: meta.labels.clone().unwrap_or_default(),
+            created: meta.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+            spec: pool.spec().clone(),
+        }
+    }
+}
+
 /// Which services may take addresses from a pool, with selectors checked.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceAllocation {

@@ -113,22 +113,9 @@ impl Caches {
     /// The pools, ferrolb's and (with compatibility on) MetalLB's, validated.
     fn pools(&self) -> (Pools, Vec<Arc<IPAddressPool>>) {
         let ours = self.pools.state();
-        let mut inputs: Vec<PoolInput> = ours
-            .iter()
-            .map(|p| PoolInput {
-                name: p.name_any(),
-                labels: p.labels().clone(),
-                created: p.meta().creation_timestamp.as_ref().map(|t| t.0.to_string()),
-                spec: p.spec.clone(),
-            })
-            .collect();
+        let mut inputs: Vec<PoolInput> = ours.iter().map(|p| PoolInput::from_object(p.as_ref())).collect();
         if let Some(m) = &self.metallb_pools {
-            inputs.extend(m.state().iter().map(|p| PoolInput {
-                name: p.name_any(),
-                labels: p.labels().clone(),
-                created: p.meta().creation_timestamp.as_ref().map(|t| t.0.to_string()),
-                spec: p.spec.clone(),
-            }));
+            inputs.extend(m.state().iter().map(|p| PoolInput::from_object(p.as_ref())));
         }
         (build_pools(inputs), ours)
     }

@@ -10,20 +10,7 @@ use k8s_openapi::api::core::v1::Service;
 
 use crate::allocator::{FamilyPolicy, PortKey, Request, ServiceKey};
 
-/// Which Services this controller serves, by `spec.loadBalancerClass`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClassPolicy {
-    /// Our class (`ferrolb.io/lb` unless configured).
-    pub class: String,
-    /// Serve only Services that name our class (else also those with no class).
-    pub require: bool,
-}
-
-impl Default for ClassPolicy {
-    fn default() -> Self {
-        ClassPolicy { class: annotations::DEFAULT_LOAD_BALANCER_CLASS.to_string(), require: false }
-    }
-}
+pub use ferrolb_config::ClassPolicy;
 
 pub fn key(svc: &Service) -> ServiceKey {
     ServiceKey {
@@ -34,14 +21,7 @@ pub fn key(svc: &Service) -> ServiceKey {
 
 /// A `type: LoadBalancer` Service of our class (or of none, unless the class is required).
 pub fn is_ours(svc: &Service, policy: &ClassPolicy) -> bool {
-    let Some(spec) = &svc.spec else { return false };
-    if spec.type_.as_deref() != Some("LoadBalancer") {
-        return false;
-    }
-    match spec.load_balancer_class.as_deref() {
-        None => !policy.require,
-        Some(c) => c == policy.class,
-    }
+    policy.serves(svc)
 }
 
 /// The addresses the Service's status says it holds, in order.
