@@ -40,6 +40,7 @@ test: deps k8s-bins lint build
 	$(CARGO) test --workspace --exclude ferrolb-e2e
 	$(CARGO) test -p ferrolb-e2e --test lab
 	$(CARGO) test -p ferrolb-e2e --test controller
+	$(CARGO) test -p ferrolb-e2e --test speaker
 
 ## bench-controller: the controller benchmark table (release build, brings up its own lab).
 bench-controller: deps k8s-bins

@@ -206,12 +206,52 @@ pub fn run_cases(lab: &Lab, cases: &[Case]) -> (usize, usize) {
     (passed, failed)
 }
 
+/// A background process a test started, with its output appended to a log in the temp dir;
+/// killed when dropped.
+pub struct Proc {
+    child: Option<std::process::Child>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log_name: &str) -> Result<Self> {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(std::env::temp_dir().join(format!("ferrolb-e2e-{log_name}.log")))?;
+        let child = cmd.stdout(log.try_clone()?).stderr(log).spawn()?;
+        Ok(Proc { child: Some(child) })
+    }
+
+    fn signal(&mut self, sig: &str) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args([sig, &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for it to exit.
+    pub fn stop(&mut self) {
+        self.signal("-TERM");
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        self.signal("-KILL");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A `ferrolb-controller` process run from the root namespace against the lab, as a
 /// Deployment's replica would run (the chart issue runs it as a real pod).
 pub struct Controller {
     pub name: String,
     pub metrics_port: u16,
-    child: Option<std::process::Child>,
+    proc: Proc,
     args: Vec<String>,
 }
 
@@ -224,63 +264,41 @@ impl Controller {
         Ok(p)
     }
 
-    pub fn log_path(name: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("ferrolb-e2e-{name}.log"))
-    }
-
     /// Starts a replica named `name` (its lease identity), with `/metrics` on 127.0.0.1:`port`.
     pub fn start(name: &str, metrics_port: u16, extra: &[&str]) -> Result<Self> {
-        let mut c = Controller {
-            name: name.to_string(),
-            metrics_port,
-            child: None,
-            args: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        c.spawn()?;
-        Ok(c)
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let proc = Self::spawn(name, metrics_port, &args)?;
+        Ok(Controller { name: name.to_string(), metrics_port, proc, args })
     }
 
-    fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::File::options().create(true).append(true).open(Self::log_path(&self.name))?;
-        let child = Command::new(Self::bin()?)
-            .args([
-                format!("--identity={}", self.name),
-                format!("--metrics-addr=127.0.0.1:{}", self.metrics_port),
-                "--lease-duration=6".to_string(),
-            ])
-            .args(&self.args)
-            .env("KUBECONFIG", "/run/ferrolb-lab/kubeconfig")
-            .env("FERROLB_LOG_LEVEL", "info,kube_lease_manager=warn")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        self.child = Some(child);
-        Ok(())
+    fn spawn(name: &str, metrics_port: u16, args: &[String]) -> Result<Proc> {
+        let mut cmd = Command::new(Self::bin()?);
+        cmd.args([
+            format!("--identity={name}"),
+            format!("--metrics-addr=127.0.0.1:{metrics_port}"),
+            "--lease-duration=6".to_string(),
+        ])
+        .args(args)
+        .env("KUBECONFIG", "/run/ferrolb-lab/kubeconfig")
+        .env("FERROLB_LOG_LEVEL", "info,kube_lease_manager=warn");
+        Proc::spawn(cmd, name)
     }
 
-    /// Starts it again after a stop or kill.
+    /// Starts it again after a stop or kill (a running one is killed first).
     pub fn restart(&mut self) -> Result<()> {
-        if self.child.is_some() {
-            self.kill();
-        }
-        self.spawn()
-    }
-
-    fn signal(&mut self, sig: &str) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args([sig, &child.id().to_string()]).status();
-            let _ = child.wait();
-        }
+        self.proc.kill();
+        self.proc = Self::spawn(&self.name, self.metrics_port, &self.args)?;
+        Ok(())
     }
 
     /// SIGTERM, and wait for it to exit (it releases its lease first).
     pub fn stop(&mut self) {
-        self.signal("-TERM");
+        self.proc.stop();
     }
 
     /// SIGKILL: a crash, the lease is left to expire.
     pub fn kill(&mut self) {
-        self.signal("-KILL");
+        self.proc.kill();
     }
 
     /// Its `/metrics` text.
@@ -289,8 +307,78 @@ impl Controller {
     }
 }
 
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.kill();
+/// A `ferrolb-speaker run` on a lab node, in the node's network namespace (the chart issue runs
+/// it as a host-network DaemonSet pod).
+pub struct Speaker {
+    pub node: String,
+    proc: Proc,
+}
+
+impl Speaker {
+    /// Starts the speaker of node-`index`.
+    pub fn start(index: u8) -> Result<Self> {
+        let node = format!("node-{index}");
+        let proc = Self::spawn(&node, index)?;
+        Ok(Speaker { node, proc })
     }
+
+    fn spawn(node: &str, index: u8) -> Result<Proc> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{node}"))
+            .arg("--")
+            .arg(lab_bin()?.with_file_name("ferrolb-speaker"))
+            .args(["run", &format!("--node={node}"), &format!("--node-ip=192.0.2.{}", 10 + index)])
+            .env("KUBECONFIG", "/run/ferrolb-lab/pki/admin.kubeconfig");
+        Proc::spawn(cmd, &format!("speaker-{node}"))
+    }
+
+    /// Starts it again (a running one is killed first).
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.kill();
+        let index: u8 = self.node.trim_start_matches("node-").parse()?;
+        self.proc = Self::spawn(&self.node, index)?;
+        Ok(())
+    }
+
+    /// SIGTERM: it leaves the membership first.
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+}
+
+/// The MAC address of a lab host's eth0, upper case as arping prints it.
+pub fn host_mac(host: &str) -> Result<String> {
+    let link = run("ip", &["-n", host, "-o", "link", "show", "eth0"])?;
+    let mac = link.split("link/ether ").nth(1).and_then(|r| r.split_whitespace().next()).context("no MAC")?;
+    Ok(mac.to_uppercase())
+}
+
+/// MACs that answered `count` ARP requests for `ip` from the client, one per reply.
+pub fn arping(ip: &str, count: u32) -> Result<Vec<String>> {
+    let out = output(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            "client",
+            "arping",
+            "-c",
+            &count.to_string(),
+            "-w",
+            &(count + 1).to_string(),
+            "-I",
+            "eth0",
+            ip,
+        ],
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("reply from"))
+        .filter_map(|l| l.split('[').nth(1)?.split(']').next().map(str::to_string))
+        .collect())
 }

@@ -1,0 +1,258 @@
+//! The speaker in a cluster: watches Nodes, Services, EndpointSlices, pools and
+//! advertisements; learns who is alive from the membership; elects; answers for what this
+//! node won; announces what it takes.
+//!
+//! ```text
+//!   watches ──┐
+//!             ├─(change)─> facts ─> election ─> this node's addresses per interface
+//!   membership┘                                      │
+//!                                                    └─> responders (set; gratuitous on take)
+//! ```
+//!
+//! Losing the API server changes nothing: the caches keep the last word, the membership keeps
+//! running, and so every announcement stays.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrolb_api::{IPAddressPool, L2Advertisement};
+use ferrolb_config::{ClassPolicy, PoolInput, build_advertisements, build_pools};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::Notify;
+
+use crate::election::{self, Announcement};
+use crate::facts;
+use crate::l2::responder::{ANNOUNCE_SCHEDULE, Announced, EventSink, Responder, usable_interfaces};
+use crate::membership;
+
+/// How the speaker runs (from flags).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// This node's name (the Node object, and the speaker's name in the membership).
+    pub node: String,
+    pub class: ClassPolicy,
+    /// Where the IPAddressPools and L2Advertisements live.
+    pub namespace: String,
+    /// Membership port on every node.
+    pub membership_port: u16,
+    /// Address of this node the membership binds to.
+    pub node_ip: IpAddr,
+    pub secret: Option<Vec<u8>>,
+}
+
+#[derive(Clone)]
+struct Caches {
+    nodes: Store<Node>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    pools: Store<IPAddressPool>,
+    ads: Store<L2Advertisement>,
+    changed: Arc<Notify>,
+}
+
+fn watch<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
+    tokio::spawn(async move {
+        let kind = K::kind(&K::DynamicType::default()).to_string();
+        let mut stream = pin!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => changed.notify_one(),
+                Err(e) => tracing::warn!(%kind, error = %e, "watch"),
+            }
+        }
+    });
+    reader
+}
+
+impl Caches {
+    fn start(client: &Client, s: &Settings) -> Self {
+        let changed = Arc::new(Notify::new());
+        Caches {
+            nodes: watch(Api::<Node>::all(client.clone()), changed.clone()),
+            services: watch(Api::<Service>::all(client.clone()), changed.clone()),
+            slices: watch(Api::<EndpointSlice>::all(client.clone()), changed.clone()),
+            pools: watch(Api::<IPAddressPool>::namespaced(client.clone(), &s.namespace), changed.clone()),
+            ads: watch(Api::<L2Advertisement>::namespaced(client.clone(), &s.namespace), changed.clone()),
+            changed,
+        }
+    }
+
+    async fn ready(&self) -> Result<(), kube::runtime::reflector::store::WriterDropped> {
+        self.nodes.wait_until_ready().await?;
+        self.services.wait_until_ready().await?;
+        self.slices.wait_until_ready().await?;
+        self.pools.wait_until_ready().await?;
+        self.ads.wait_until_ready().await
+    }
+
+    /// The election over what the caches say now, with `alive` from the membership.
+    fn elect(&self, s: &Settings, alive: &BTreeSet<String>) -> BTreeMap<IpAddr, Announcement> {
+        let nodes: Vec<_> = self.nodes.state().iter().map(|n| facts::node_facts(n, alive)).collect();
+        let slices = self.slices.state();
+        let services: Vec<_> = self
+            .services
+            .state()
+            .iter()
+            .filter_map(|svc| facts::service_facts(svc, &s.class, slices.iter().map(|a| a.as_ref())))
+            .collect();
+        let pools = build_pools(self.pools.state().iter().map(|p| PoolInput::from_object(p.as_ref())).collect());
+        let (ads, _) = build_advertisements(self.ads.state().iter().map(|a| (a.name_any(), a.spec.clone())).collect());
+        election::elect(&nodes, &services, &pools, &ads)
+    }
+
+    /// Membership addresses of every Node but ours (their first InternalIP of our family).
+    fn peers(&self, s: &Settings) -> Vec<SocketAddr> {
+        self.nodes
+            .state()
+            .iter()
+            .filter(|n| n.metadata.name.as_deref() != Some(s.node.as_str()))
+            .filter_map(|n| {
+                n.status
+                    .as_ref()?
+                    .addresses
+                    .as_ref()?
+                    .iter()
+                    .filter(|a| a.type_ == "InternalIP")
+                    .filter_map(|a| a.address.parse::<IpAddr>().ok())
+                    .find(|ip| ip.is_ipv4() == s.node_ip.is_ipv4())
+            })
+            .map(|ip| SocketAddr::new(ip, s.membership_port))
+            .collect()
+    }
+}
+
+/// Which of this node's interfaces answer for `a`: those the advertisements name, else those
+/// whose subnet holds the address, else every usable one.
+fn interfaces_for(a: &Announcement, usable: &[pnet_datalink::NetworkInterface]) -> Vec<String> {
+    if !a.interfaces.is_empty() {
+        return usable.iter().filter(|i| a.interfaces.contains(&i.name)).map(|i| i.name.clone()).collect();
+    }
+    let on_subnet: Vec<String> =
+        usable.iter().filter(|i| i.ips.iter().any(|n| n.contains(a.ip))).map(|i| i.name.clone()).collect();
+    if on_subnet.is_empty() { usable.iter().map(|i| i.name.clone()).collect() } else { on_subnet }
+}
+
+/// Runs until `shutdown`; then leaves the membership first, so peers take over at once.
+pub async fn run(
+    client: Client,
+    s: Settings,
+    events: EventSink,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let caches = Caches::start(&client, &s);
+    let members = membership::start(membership::Settings {
+        identity: membership::Member {
+            node: s.node.clone(),
+            addr: SocketAddr::new(s.node_ip, s.membership_port),
+            incarnation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        },
+        bind: SocketAddr::new(s.node_ip, s.membership_port),
+        secret: s.secret.clone(),
+        cluster_size: 16,
+    })
+    .await?;
+    caches.ready().await?;
+    tracing::info!(node = %s.node, "caches synced; announcing");
+
+    // Join: ask every peer we know of, now and then, to let us in.
+    let (join_caches, join_settings, join_cmd) = (caches.clone(), s.clone(), members.announcer());
+    tokio::spawn(async move {
+        loop {
+            for peer in join_caches.peers(&join_settings) {
+                join_cmd.announce(peer).await;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+
+    let mut responders: BTreeMap<String, Arc<Responder>> = BTreeMap::new();
+    let mut alive_rx = members.alive.clone();
+    let mut shutdown = pin!(shutdown);
+    let mut mine: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+    loop {
+        let alive = alive_rx.borrow_and_update().clone();
+        let won: BTreeMap<IpAddr, Announcement> =
+            caches.elect(&s, &alive).into_iter().filter(|(_, a)| a.node == s.node).collect();
+        let usable = usable_interfaces();
+        let mut per_iface: BTreeMap<String, Announced> = BTreeMap::new();
+        let mut now_mine: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+        for a in won.values() {
+            for i in interfaces_for(a, &usable) {
+                per_iface.entry(i.clone()).or_default().insert(a.ip);
+                now_mine.entry(a.ip).or_default().push(i);
+            }
+        }
+        if now_mine != mine {
+            tracing::info!(announcing = ?now_mine, "announcements changed");
+        }
+        // Open what is needed, close what is not, and tell each responder its addresses. A
+        // closing responder stops answering now, even while an announcement task still holds it.
+        responders.retain(|name, r| {
+            let keep = per_iface.contains_key(name);
+            if !keep {
+                r.set(&Announced::default());
+            }
+            keep
+        });
+        for (name, want) in &per_iface {
+            if !responders.contains_key(name) {
+                let Some(iface) = usable.iter().find(|i| &i.name == name) else { continue };
+                match Responder::start(iface, events.clone()) {
+                    Ok(r) => {
+                        responders.insert(name.clone(), Arc::new(r));
+                    }
+                    Err(e) => {
+                        tracing::warn!(interface = %name, error = %e, "opening a raw socket");
+                        continue;
+                    }
+                }
+            }
+            let Some(r) = responders.get(name) else { continue };
+            let taken = r.set(want);
+            if !taken.is_empty() {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let mut last = Duration::ZERO;
+                    for at in ANNOUNCE_SCHEDULE {
+                        tokio::time::sleep(at.saturating_sub(last)).await;
+                        last = *at;
+                        for ip in taken.iter().filter(|ip| r.answers(**ip)) {
+                            r.announce(*ip);
+                        }
+                    }
+                });
+            }
+        }
+        mine = now_mine;
+
+        tokio::select! {
+            _ = caches.changed.notified() => {}
+            r = alive_rx.changed() => { if r.is_err() { anyhow::bail!("the membership stopped"); } }
+            _ = &mut shutdown => {
+                tracing::info!("leaving the membership");
+                members.leave().await;
+                drop(responders);
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The nftables data plane: a model of what to forward, and its rendering as one `nft -f -`
+//! transaction.
+
+pub mod model;
+pub mod render;

@@ -1,0 +1,1076 @@
+//! Renders a [`Model`] as one nftables transaction (text for `nft -f -`). Pure and deterministic.
+//!
+//! The ruleset follows kube-proxy's nftables mode. Per packet, the cost is a few map lookups, not
+//! a walk over services:
+//!
+//! ```text
+//!  nat-prerouting / nat-output ──> services
+//!     daddr . l4proto . dport  vmap @service-ips ──> svc-H   (ClusterIP, Cluster policy)
+//!                                                 ─> local-H (ClusterIP, internalTrafficPolicy Local)
+//!                                                 ─> ext-H   (externalIPs, LB IPs)
+//!     fib daddr local, daddr @node-ips, l4proto . dport vmap @service-nodeports ──> ext-H
+//!  ext-H:   Cluster: mark for masquerade, goto svc-H
+//!           Local:   pod / node-local sources goto svc-H; others goto local-H (or fall through)
+//!  svc-H, local-H:  affinity (saddr @aff-E goto ep-E), then a random pick ──> ep-E
+//!  ep-E:    hairpin mark, affinity update, dnat to endpoint
+//!  nat-postrouting ──> masquerading (packets carrying the mark)
+//!  filter hooks (ct state new):  firewall-check      daddr . l4proto . dport vmap @firewall-ips
+//!                                service-endpoints-check / nodeport-endpoints-check: reject or drop
+//!                                cluster-ips-check   reject unknown ports of cluster IPs
+//! ```
+//!
+//! `H` is the first 16 hex digits of `sha256("ns/name/port-name/proto")`, `E` the same over the
+//! endpoint too: names stay stable across syncs, so a partial sync can address them.
+//!
+//! A full sync deletes and recreates the table inside one transaction: atomic (packets see the
+//! old or the new ruleset, never none), idempotent, and it removes anything stale (chains of
+//! removed services, affinity sets with an old timeout) without needing to read the kernel's
+//! state. The price: learned session-affinity entries are forgotten on a full sync (at start and
+//! after a failure), not on partial syncs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use sha2::{Digest, Sha256};
+
+use super::model::{Endpoint, Family, Mode, Model, PortModel, ServiceKey, ServiceModel};
+
+/// The table name, in both the `ip` and the `ip6` family.
+pub const TABLE: &str = "ferrolb";
+
+/// The packet mark bit that asks `nat-postrouting` to masquerade: kube-proxy's bit, which CNIs
+/// already keep clear of.
+pub const MASQUERADE_MARK: u32 = 0x4000;
+
+const SERVICE_IPS: &str = "service-ips";
+const SERVICE_NODEPORTS: &str = "service-nodeports";
+const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
+const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+const FIREWALL_IPS: &str = "firewall-ips";
+const CLUSTER_IPS: &str = "cluster-ips";
+const NODE_IPS: &str = "node-ips";
+const POD_CIDRS: &str = "pod-cidrs";
+
+const REJECT: &str = "goto reject-chain";
+const DROP: &str = "drop";
+
+/// A transaction that rebuilds the whole table for `model`, atomically.
+pub fn render_full(model: &Model) -> String {
+    let f = Fam::of(model.family);
+    let mut services = Objects::default();
+    let mut elements = Elements::new();
+    for (key, svc) in &model.services {
+        build_service(model, key, svc, Some(&mut services), &mut elements);
+    }
+
+    let mut out = String::new();
+    let t = f.table();
+    line(&mut out, format_args!("add table {t}"));
+    line(&mut out, format_args!("delete table {t}"));
+    line(&mut out, format_args!("add table {t} {{ comment \"managed by ferrolb-speaker\" ; }}"));
+
+    out.push_str("\n# sets and verdict maps\n");
+    for (name, spec) in global_sets(model, &f) {
+        let kind = if spec.contains(": verdict") { "map" } else { "set" };
+        line(&mut out, format_args!("add {kind} {t} {name} {{ {spec} }}"));
+    }
+    for (name, spec) in &services.sets {
+        line(&mut out, format_args!("add set {t} {name} {{ {spec} }}"));
+    }
+
+    out.push_str("\n# chains\n");
+    let base = base_chains(model, &f);
+    for (name, spec, _) in &base {
+        if spec.is_empty() {
+            line(&mut out, format_args!("add chain {t} {name}"));
+        } else {
+            line(&mut out, format_args!("add chain {t} {name} {{ {spec} }}"));
+        }
+    }
+    for (name, chain) in &services.chains {
+        add_chain(&mut out, &f, name, &chain.comment);
+    }
+
+    out.push_str("\n# rules\n");
+    for (name, _, rules) in &base {
+        for rule in rules {
+            line(&mut out, format_args!("add rule {t} {name} {rule}"));
+        }
+    }
+    for (name, chain) in &services.chains {
+        for rule in &chain.rules {
+            line(&mut out, format_args!("add rule {t} {name} {rule}"));
+        }
+    }
+
+    out.push_str("\n# elements\n");
+    for ip in model.nodeport_ips().iter().filter(|_| model.mode == Mode::Full) {
+        line(&mut out, format_args!("add element {t} {NODE_IPS} {{ {ip} }}"));
+    }
+    for net in model.local_pod_cidrs() {
+        let net = canonical(net);
+        line(&mut out, format_args!("add element {t} {POD_CIDRS} {{ {net} }}"));
+    }
+    for ((map, key), value) in &elements {
+        add_element(&mut out, &f, map, key, value);
+    }
+    out
+}
+
+/// A transaction that turns the table rendered for `prev` into the one for `next`, touching only
+/// what differs: chains and affinity sets of changed services are added, rewritten (flush, then
+/// rules) or deleted, map elements are deleted or added, and the node-address and pod-CIDR sets
+/// are refilled when they changed. An empty string means there is nothing to do.
+///
+/// It assumes the kernel holds exactly what `prev` rendered; after a failed transaction the caller
+/// must use [`render_full`]. A change of node, family or mode is a full sync.
+pub fn render_partial(prev: &Model, next: &Model) -> String {
+    if prev.node != next.node || prev.family != next.family || prev.mode != next.mode {
+        return render_full(next);
+    }
+    let f = Fam::of(next.family);
+    let t = f.table();
+
+    let changed: BTreeSet<&ServiceKey> = prev
+        .services
+        .keys()
+        .chain(next.services.keys())
+        .filter(|k| prev.services.get(*k) != next.services.get(*k))
+        .collect();
+
+    // Elements are compared over all services: two services may claim the same address and port,
+    // and which one wins must not depend on which of them changed.
+    let (mut old, mut new) = (Objects::default(), Objects::default());
+    let (mut old_elements, mut new_elements) = (Elements::new(), Elements::new());
+    for (model, objects, elements) in [(prev, &mut old, &mut old_elements), (next, &mut new, &mut new_elements)] {
+        for (key, svc) in &model.services {
+            let objects = changed.contains(key).then_some(&mut *objects);
+            build_service(model, key, svc, objects, elements);
+        }
+    }
+
+    let mut out = String::new();
+    for (name, spec) in &new.sets {
+        if !old.sets.contains_key(name) {
+            line(&mut out, format_args!("add set {t} {name} {{ {spec} }}"));
+        }
+    }
+    for (name, chain) in &new.chains {
+        if !old.chains.contains_key(name) {
+            add_chain(&mut out, &f, name, &chain.comment);
+        }
+    }
+    for (name, chain) in &new.chains {
+        match old.chains.get(name) {
+            Some(before) if before.rules == chain.rules => continue,
+            Some(_) => line(&mut out, format_args!("flush chain {t} {name}")),
+            None => {}
+        }
+        for rule in &chain.rules {
+            line(&mut out, format_args!("add rule {t} {name} {rule}"));
+        }
+    }
+    // Emptying doomed chains first drops their references to other chains and to affinity sets.
+    let doomed: Vec<&String> = old.chains.keys().filter(|n| !new.chains.contains_key(*n)).collect();
+    for name in &doomed {
+        line(&mut out, format_args!("flush chain {t} {name}"));
+    }
+
+    if prev.nodeport_ips() != next.nodeport_ips() && next.mode == Mode::Full {
+        line(&mut out, format_args!("flush set {t} {NODE_IPS}"));
+        for ip in next.nodeport_ips() {
+            line(&mut out, format_args!("add element {t} {NODE_IPS} {{ {ip} }}"));
+        }
+    }
+    if prev.local_pod_cidrs() != next.local_pod_cidrs() {
+        line(&mut out, format_args!("flush set {t} {POD_CIDRS}"));
+        for net in next.local_pod_cidrs() {
+            let net = canonical(net);
+            line(&mut out, format_args!("add element {t} {POD_CIDRS} {{ {net} }}"));
+        }
+    }
+
+    for ((map, key), value) in &old_elements {
+        if new_elements.get(&(*map, key.clone())) != Some(value) {
+            line(&mut out, format_args!("delete element {t} {map} {{ {key} }}"));
+        }
+    }
+    for ((map, key), value) in &new_elements {
+        if old_elements.get(&(*map, key.clone())) != Some(value) {
+            add_element(&mut out, &f, map, key, value);
+        }
+    }
+
+    for name in &doomed {
+        line(&mut out, format_args!("delete chain {t} {name}"));
+    }
+    for name in old.sets.keys() {
+        if !new.sets.contains_key(name) {
+            line(&mut out, format_args!("delete set {t} {name}"));
+        }
+    }
+    out
+}
+
+/// A transaction that removes the table of `family` (on shutdown, or when the data plane is
+/// switched off). Adding it first makes the deletion succeed whether or not it existed.
+pub fn render_delete(family: Family) -> String {
+    let t = Fam::of(family).table();
+    format!("add table {t}\ndelete table {t}\n")
+}
+
+/// Names and syntax that differ between the `ip` and `ip6` families.
+struct Fam {
+    /// Table family, and the payload keyword for addresses (`ip daddr`, `ip6 daddr`).
+    nft: &'static str,
+    /// Set element type of one address.
+    addr_type: &'static str,
+}
+
+impl Fam {
+    fn of(family: Family) -> Self {
+        match family {
+            Family::V4 => Fam { nft: "ip", addr_type: "ipv4_addr" },
+            Family::V6 => Fam { nft: "ip6", addr_type: "ipv6_addr" },
+        }
+    }
+
+    fn table(&self) -> String {
+        format!("{} {TABLE}", self.nft)
+    }
+
+    /// An endpoint as a DNAT target: `ip:port`, or `[ip]:port` for IPv6.
+    fn dnat_target(&self, e: &Endpoint) -> String {
+        match e.ip {
+            IpAddr::V4(ip) => format!("{ip}:{}", e.port),
+            IpAddr::V6(ip) => format!("[{ip}]:{}", e.port),
+        }
+    }
+}
+
+/// A chain a service owns.
+#[derive(Debug, PartialEq, Eq)]
+struct Chain {
+    /// Says which service port (and endpoint) the hashed name stands for.
+    comment: String,
+    rules: Vec<String>,
+}
+
+/// The chains and affinity sets of some services.
+#[derive(Default)]
+struct Objects {
+    chains: BTreeMap<String, Chain>,
+    /// Affinity set name -> its specification.
+    sets: BTreeMap<String, String>,
+}
+
+/// `(map or set, key) -> verdict` (empty for plain sets). The first service to claim a key keeps
+/// it, services being visited in key order.
+type Elements = BTreeMap<(&'static str, String), String>;
+
+fn line(out: &mut String, args: std::fmt::Arguments<'_>) {
+    // Writing to a String cannot fail.
+    let _ = out.write_fmt(args);
+    out.push('\n');
+}
+
+fn add_chain(out: &mut String, f: &Fam, name: &str, comment: &str) {
+    let t = f.table();
+    line(out, format_args!("add chain {t} {name} {{ comment \"{comment}\" ; }}"));
+}
+
+fn add_element(out: &mut String, f: &Fam, map: &str, key: &str, value: &str) {
+    let t = f.table();
+    if value.is_empty() {
+        line(out, format_args!("add element {t} {map} {{ {key} }}"));
+    } else {
+        line(out, format_args!("add element {t} {map} {{ {key} : {value} }}"));
+    }
+}
+
+fn claim(elements: &mut Elements, map: &'static str, key: String, value: &str) {
+    elements.entry((map, key)).or_insert_with(|| value.to_owned());
+}
+
+fn hash16(input: &str) -> String {
+    let digest = Sha256::digest(input.as_bytes());
+    digest[..8].iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// A network with its host bits cleared, as nftables wants prefixes.
+fn canonical(net: IpNetwork) -> IpNetwork {
+    IpNetwork::new(net.network(), net.prefix()).unwrap_or(net)
+}
+
+/// Sets and maps every table has: `(name, specification)`.
+fn global_sets(model: &Model, f: &Fam) -> Vec<(&'static str, String)> {
+    let a = f.addr_type;
+    let by_addr = format!("type {a} . inet_proto . inet_service : verdict");
+    let by_port = "type inet_proto . inet_service : verdict".to_owned();
+    let mut sets = vec![
+        (SERVICE_IPS, format!("{by_addr} ; comment \"ClusterIP, externalIP and LoadBalancer IP dispatch\" ;")),
+        (NO_ENDPOINT_SERVICES, format!("{by_addr} ; comment \"services without usable endpoints: reject or drop\" ;")),
+        (FIREWALL_IPS, format!("{by_addr} ; comment \"LoadBalancer IPs with loadBalancerSourceRanges\" ;")),
+        (POD_CIDRS, format!("type {a} ; flags interval ; auto-merge ; comment \"this node's pod CIDRs\" ;")),
+    ];
+    if model.mode == Mode::Full {
+        sets.extend([
+            (SERVICE_NODEPORTS, format!("{by_port} ; comment \"NodePort dispatch\" ;")),
+            (NO_ENDPOINT_NODEPORTS, format!("{by_port} ; comment \"NodePorts without usable endpoints\" ;")),
+            (CLUSTER_IPS, format!("type {a} ; comment \"every cluster IP\" ;")),
+            (NODE_IPS, format!("type {a} ; comment \"addresses NodePorts listen on\" ;")),
+        ]);
+    }
+    sets.sort();
+    sets
+}
+
+/// Base and shared chains: `(name, specification, rules)`, in declaration order.
+fn base_chains(model: &Model, f: &Fam) -> Vec<(&'static str, String, Vec<String>)> {
+    let full = model.mode == Mode::Full;
+    let a = f.nft;
+    let hook =
+        |kind: &str, hook: &str, prio: &str| format!("type {kind} hook {hook} priority {prio} ; policy accept ;");
+    let only = |cond: bool, rule: &str| cond.then(|| rule.to_owned());
+    let mark = MASQUERADE_MARK;
+    let new_jump = |chain: &str| format!("ct state new jump {chain}");
+    let by_addr = format!("{a} daddr . meta l4proto . th dport");
+    let on_node = format!("fib daddr type local {a} daddr @{NODE_IPS} meta l4proto . th dport");
+
+    // Priorities are numeric (dstnat is -100, srcnat 100): nft only takes the names on some hooks.
+    let chains: Vec<(&'static str, String, Vec<Option<String>>)> = vec![
+        // Before DNAT, so source ranges see the LoadBalancer IP.
+        ("filter-prerouting", hook("filter", "prerouting", "-110"), vec![Some(new_jump("firewall-check"))]),
+        ("filter-output", hook("filter", "output", "-110"), vec![Some(new_jump("firewall-check"))]),
+        // After DNAT: what still carries a service address found no endpoint to go to.
+        (
+            "filter-input",
+            hook("filter", "input", "-110"),
+            vec![full.then(|| new_jump("nodeport-endpoints-check")), Some(new_jump("service-endpoints-check"))],
+        ),
+        (
+            "filter-forward",
+            hook("filter", "forward", "-110"),
+            vec![Some(new_jump("service-endpoints-check")), full.then(|| new_jump("cluster-ips-check"))],
+        ),
+        (
+            "filter-output-post-dnat",
+            hook("filter", "output", "-90"),
+            vec![Some(new_jump("service-endpoints-check")), full.then(|| new_jump("cluster-ips-check"))],
+        ),
+        ("nat-prerouting", hook("nat", "prerouting", "-100"), vec![Some("jump services".to_owned())]),
+        ("nat-output", hook("nat", "output", "-100"), vec![Some("jump services".to_owned())]),
+        ("nat-postrouting", hook("nat", "postrouting", "100"), vec![Some("jump masquerading".to_owned())]),
+        (
+            "services",
+            String::new(),
+            vec![
+                Some(format!("{by_addr} vmap @{SERVICE_IPS}")),
+                full.then(|| format!("{on_node} vmap @{SERVICE_NODEPORTS}")),
+            ],
+        ),
+        ("mark-for-masquerade", String::new(), vec![Some(format!("meta mark set meta mark | {mark:#x}"))]),
+        (
+            "masquerading",
+            String::new(),
+            vec![
+                Some(format!("meta mark & {mark:#x} == 0 return")),
+                Some(format!("meta mark set meta mark ^ {mark:#x}")),
+                Some("masquerade fully-random".to_owned()),
+            ],
+        ),
+        ("firewall-check", String::new(), vec![Some(format!("{by_addr} vmap @{FIREWALL_IPS}"))]),
+        ("service-endpoints-check", String::new(), vec![Some(format!("{by_addr} vmap @{NO_ENDPOINT_SERVICES}"))]),
+        (
+            "nodeport-endpoints-check",
+            String::new(),
+            vec![only(full, &format!("{on_node} vmap @{NO_ENDPOINT_NODEPORTS}"))],
+        ),
+        (
+            "cluster-ips-check",
+            String::new(),
+            vec![only(
+                full,
+                &format!("{a} daddr @{CLUSTER_IPS} reject comment \"no service on this cluster IP port\""),
+            )],
+        ),
+        (
+            "reject-chain",
+            String::new(),
+            vec![
+                Some("meta l4proto tcp reject with tcp reset comment \"service without endpoints\"".to_owned()),
+                Some("reject comment \"service without endpoints\"".to_owned()),
+            ],
+        ),
+    ];
+    chains
+        .into_iter()
+        .filter(|(name, _, _)| full || !matches!(*name, "nodeport-endpoints-check" | "cluster-ips-check"))
+        .map(|(name, spec, rules)| (name, spec, rules.into_iter().flatten().collect()))
+        .collect()
+}
+
+/// Adds the map elements of one service to `elements` and, when `objects` is given, its chains
+/// and affinity sets.
+fn build_service(
+    model: &Model,
+    key: &ServiceKey,
+    svc: &ServiceModel,
+    mut objects: Option<&mut Objects>,
+    elements: &mut Elements,
+) {
+    let family = model.family;
+    let f = Fam::of(family);
+    let full = model.mode == Mode::Full;
+    let cluster_ips = if full { svc.cluster_ips_of(family) } else { Vec::new() };
+    let lb_ips = svc.lb_ips_of(family);
+    let mut outside_ips = if full { svc.external_ips_of(family) } else { Vec::new() };
+    outside_ips.extend(lb_ips.iter().copied());
+    outside_ips.sort();
+    outside_ips.dedup();
+
+    let mut ports: Vec<&PortModel> = svc.ports.iter().collect();
+    ports.sort_by(|x, y| (x.proto, x.port, &x.name).cmp(&(y.proto, y.port, &y.name)));
+    for port in ports {
+        let id = format!("{key}/{}/{}", port.name, port.proto);
+        let h = hash16(&id);
+        let (svc_chain, local_chain, ext_chain) = (format!("svc-{h}"), format!("local-{h}"), format!("ext-{h}"));
+        let all = port.cluster_endpoints(family);
+        let local = port.local_endpoints(family, &model.node);
+        let node_port = port.node_port.filter(|_| full);
+        let has_outside = !outside_ips.is_empty() || node_port.is_some();
+        let proto = port.proto;
+
+        // Map elements.
+        for ip in &cluster_ips {
+            claim(elements, CLUSTER_IPS, ip.to_string(), "");
+            let k = format!("{ip} . {proto} . {}", port.port);
+            let (internal, target) = if svc.internal_local { (&local, &local_chain) } else { (&all, &svc_chain) };
+            if !internal.is_empty() {
+                claim(elements, SERVICE_IPS, k, &format!("goto {target}"));
+            } else if !all.is_empty() {
+                claim(elements, NO_ENDPOINT_SERVICES, k, DROP);
+            } else {
+                claim(elements, NO_ENDPOINT_SERVICES, k, REJECT);
+            }
+        }
+        let mut outside_keys: Vec<(&'static str, &'static str, String)> = outside_ips
+            .iter()
+            .map(|ip| {
+                let k = format!("{ip} . {proto} . {}", port.port);
+                (SERVICE_IPS, NO_ENDPOINT_SERVICES, k)
+            })
+            .collect();
+        if let Some(np) = node_port {
+            let k = format!("{proto} . {np}");
+            outside_keys.push((SERVICE_NODEPORTS, NO_ENDPOINT_NODEPORTS, k));
+        }
+        for (dispatch, no_endpoints, k) in outside_keys {
+            if all.is_empty() {
+                claim(elements, no_endpoints, k, REJECT);
+                continue;
+            }
+            claim(elements, dispatch, k.clone(), &format!("goto {ext_chain}"));
+            if svc.external_local && local.is_empty() {
+                // Whatever the ext chain did not short-circuit is dropped after DNAT would have
+                // happened: the node has nothing for it.
+                claim(elements, no_endpoints, k, DROP);
+            }
+        }
+        let fw_chain = format!("fw-{h}");
+        if !svc.source_ranges.is_empty() {
+            for ip in &lb_ips {
+                let k = format!("{ip} . {proto} . {}", port.port);
+                claim(elements, FIREWALL_IPS, k, &format!("goto {fw_chain}"));
+            }
+        }
+
+        let Some(objects) = objects.as_deref_mut() else {
+            continue;
+        };
+
+        // Chains, created under the same conditions the elements above point at them.
+        let svc_used = !all.is_empty() && (has_outside || (!cluster_ips.is_empty() && !svc.internal_local));
+        let local_used = !local.is_empty()
+            && ((has_outside && svc.external_local) || (!cluster_ips.is_empty() && svc.internal_local));
+        let mut endpoints: BTreeSet<&Endpoint> = BTreeSet::new();
+        let a = f.nft;
+        if svc_used {
+            let mut rules = Vec::new();
+            if !cluster_ips.is_empty() {
+                let daddr = addr_match(&cluster_ips);
+                rules.push(format!(
+                    "{a} daddr {daddr} {a} saddr != @{POD_CIDRS} jump mark-for-masquerade \
+                     comment \"cluster IP from outside this node's pods\""
+                ));
+            }
+            rules.extend(dispatch(&id, &all, svc.affinity_timeout, &f));
+            let comment = format!("{id}: all endpoints");
+            objects.chains.insert(svc_chain.clone(), Chain { comment, rules });
+            endpoints.extend(all.iter().copied());
+        }
+        if local_used {
+            let rules = dispatch(&id, &local, svc.affinity_timeout, &f);
+            let comment = format!("{id}: local endpoints");
+            objects.chains.insert(local_chain.clone(), Chain { comment, rules });
+            endpoints.extend(local.iter().copied());
+        }
+        if has_outside && !all.is_empty() {
+            let rules = if svc.external_local {
+                let mut rules = vec![
+                    format!("{a} saddr @{POD_CIDRS} goto {svc_chain} comment \"short-circuit pod traffic\""),
+                    "fib saddr type local jump mark-for-masquerade \
+                     comment \"masquerade node-local traffic\""
+                        .to_owned(),
+                    format!("fib saddr type local goto {svc_chain} comment \"short-circuit node-local traffic\""),
+                ];
+                if local_used {
+                    rules.push(format!("goto {local_chain} comment \"externalTrafficPolicy Local\""));
+                }
+                rules
+            } else {
+                vec![
+                    "jump mark-for-masquerade comment \"externalTrafficPolicy Cluster\"".to_owned(),
+                    format!("goto {svc_chain}"),
+                ]
+            };
+            let comment = format!("{id}: external traffic");
+            objects.chains.insert(ext_chain, Chain { comment, rules });
+        }
+        if !svc.source_ranges.is_empty() && !lb_ips.is_empty() {
+            let ranges = svc.source_ranges_of(family);
+            let rule = if ranges.is_empty() {
+                "drop comment \"no loadBalancerSourceRanges of this family\"".to_owned()
+            } else {
+                let set = ranges.into_iter().map(|n| canonical(n).to_string()).collect::<Vec<_>>().join(", ");
+                format!("{a} saddr != {{ {set} }} drop comment \"loadBalancerSourceRanges\"")
+            };
+            let comment = format!("{id}: source ranges");
+            objects.chains.insert(fw_chain, Chain { comment, rules: vec![rule] });
+        }
+        for e in endpoints {
+            let mut rules = vec![format!("{a} saddr {} jump mark-for-masquerade comment \"hairpin\"", e.ip)];
+            if let Some(timeout) = svc.affinity_timeout {
+                let set = affinity_set(&id, e, timeout);
+                rules.push(format!("update @{set} {{ {a} saddr }}"));
+                objects
+                    .sets
+                    .insert(set, format!("type {} ; flags dynamic,timeout ; timeout {timeout}s ;", f.addr_type));
+            }
+            rules.push(format!("meta l4proto {proto} dnat to {}", f.dnat_target(e)));
+            let comment = format!("{id}: {}", f.dnat_target(e));
+            objects.chains.insert(endpoint_chain(&id, e), Chain { comment, rules });
+        }
+    }
+}
+
+/// `a` or `{ a, b }`.
+fn addr_match(ips: &[IpAddr]) -> String {
+    match ips {
+        [one] => one.to_string(),
+        many => {
+            let list: Vec<String> = many.iter().map(ToString::to_string).collect();
+            format!("{{ {} }}", list.join(", "))
+        }
+    }
+}
+
+fn endpoint_chain(id: &str, e: &Endpoint) -> String {
+    format!("ep-{}", hash16(&format!("{id}/{}/{}", e.ip, e.port)))
+}
+
+/// The timeout is part of the name: a set's timeout cannot be changed in place.
+fn affinity_set(id: &str, e: &Endpoint, timeout: u32) -> String {
+    format!("aff-{}", hash16(&format!("{id}/{}/{}/{timeout}", e.ip, e.port)))
+}
+
+/// Rules choosing an endpoint: remembered clients first, then a uniform random pick.
+///
+/// The pick is a cascade, not `numgen random mod N vmap { .. }`: every anonymous vmap is a set of
+/// its own, and the kernel's cost of adding one grows with the number of sets in the table
+/// (8,000 of them take 6 s to load, 100,000 minutes). Rule `i` of `N` takes the packet with
+/// probability `1 / (N - i)`, which makes every endpoint equally likely; only the first packet
+/// of a connection walks it, and its length depends on this service's endpoints alone.
+fn dispatch(id: &str, endpoints: &[&Endpoint], affinity: Option<u32>, f: &Fam) -> Vec<String> {
+    let mut rules = Vec::new();
+    if let Some(timeout) = affinity {
+        for e in endpoints {
+            rules.push(format!(
+                "{} saddr @{} goto {} comment \"session affinity\"",
+                f.nft,
+                affinity_set(id, e, timeout),
+                endpoint_chain(id, e)
+            ));
+        }
+    }
+    let n = endpoints.len();
+    for (i, e) in endpoints.iter().enumerate() {
+        let chain = endpoint_chain(id, e);
+        let left = n - i;
+        if left == 1 {
+            rules.push(format!("goto {chain}"));
+        } else {
+            rules.push(format!("numgen random mod {left} == 0 goto {chain} comment \"1 in {left}\""));
+        }
+    }
+    rules
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::io::Write as _;
+    use std::process::Command;
+
+    use super::super::model::{Protocol, ServiceModel};
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> IpNetwork {
+        s.parse().unwrap()
+    }
+
+    fn ep(addr: &str, node: &str) -> Endpoint {
+        Endpoint::ready(ip(addr), 8080, node)
+    }
+
+    fn port(name: &str, proto: Protocol, port: u16, endpoints: Vec<Endpoint>) -> PortModel {
+        PortModel { name: name.into(), proto, port, node_port: None, endpoints }
+    }
+
+    fn http(endpoints: Vec<Endpoint>) -> PortModel {
+        port("http", Protocol::Tcp, 80, endpoints)
+    }
+
+    fn two_endpoints() -> Vec<Endpoint> {
+        vec![ep("198.18.1.2", "node-1"), ep("198.18.2.2", "node-2")]
+    }
+
+    fn cluster_ip(addr: &str, ports: Vec<PortModel>) -> ServiceModel {
+        ServiceModel { cluster_ips: vec![ip(addr)], ports, ..ServiceModel::default() }
+    }
+
+    fn model(mode: Mode, services: Vec<(&str, ServiceModel)>) -> Model {
+        Model {
+            node: "node-1".into(),
+            family: Family::V4,
+            mode,
+            node_ips: vec![ip("192.0.2.11"), ip("127.0.0.1")],
+            pod_cidrs: vec![net("198.18.1.0/24")],
+            services: services.into_iter().map(|(name, svc)| (ServiceKey::new("default", name), svc)).collect(),
+        }
+    }
+
+    fn lb(local: bool) -> ServiceModel {
+        let mut p = http(two_endpoints());
+        p.node_port = Some(31001);
+        ServiceModel {
+            cluster_ips: vec![ip("198.19.0.20")],
+            external_ips: vec![ip("192.0.2.150")],
+            lb_ips: vec![ip("192.0.2.200")],
+            ports: vec![p],
+            external_local: local,
+            ..ServiceModel::default()
+        }
+    }
+
+    /// Representative models, one per behaviour, each rendered, checked and snapshotted.
+    fn fixtures() -> Vec<(&'static str, Model)> {
+        let clusterip = model(
+            Mode::Full,
+            vec![(
+                "web",
+                cluster_ip(
+                    "198.19.0.10",
+                    vec![
+                        http(two_endpoints()),
+                        port("dns", Protocol::Udp, 53, vec![ep("198.18.2.3", "node-2")]),
+                        port("sig", Protocol::Sctp, 9000, vec![ep("198.18.1.4", "node-1")]),
+                    ],
+                ),
+            )],
+        );
+
+        let mut np = http(two_endpoints());
+        np.node_port = Some(31000);
+        let nodeport = model(Mode::Full, vec![("np", cluster_ip("198.19.0.11", vec![np]))]);
+
+        let lb_cluster = model(Mode::Full, vec![("lb", lb(false))]);
+
+        let mut remote_only = lb(true);
+        remote_only.lb_ips = vec![ip("192.0.2.201")];
+        remote_only.external_ips.clear();
+        remote_only.cluster_ips = vec![ip("198.19.0.21")];
+        remote_only.ports[0].endpoints = vec![ep("198.18.2.9", "node-2")];
+        remote_only.ports[0].node_port = Some(31002);
+        let lb_local = model(Mode::Full, vec![("lb-local", lb(true)), ("lb-remote-only", remote_only)]);
+
+        let mut sticky = cluster_ip("198.19.0.12", vec![http(two_endpoints())]);
+        sticky.affinity_timeout = Some(10800);
+        let mut sticky_lb = lb(true);
+        sticky_lb.affinity_timeout = Some(60);
+        let affinity = model(Mode::Full, vec![("sticky", sticky), ("sticky-lb", sticky_lb)]);
+
+        let mut empty_lb = lb(false);
+        empty_lb.ports[0].endpoints.clear();
+        let mut itp_local = cluster_ip("198.19.0.14", vec![http(vec![ep("198.18.2.2", "node-2")])]);
+        itp_local.internal_local = true;
+        let mut itp_local_ok = cluster_ip("198.19.0.15", vec![http(two_endpoints())]);
+        itp_local_ok.internal_local = true;
+        let mut terminating = ep("198.18.1.7", "node-1");
+        terminating.ready = false;
+        terminating.terminating = true;
+        let mut not_serving = terminating.clone();
+        not_serving.serving = false;
+        not_serving.ip = ip("198.18.1.8");
+        let no_endpoints = model(
+            Mode::Full,
+            vec![
+                ("empty", cluster_ip("198.19.0.13", vec![http(vec![])])),
+                ("empty-lb", empty_lb),
+                ("itp-local-none-here", itp_local),
+                ("itp-local", itp_local_ok),
+                ("terminating", cluster_ip("198.19.0.16", vec![http(vec![terminating, not_serving])])),
+            ],
+        );
+
+        let mut ranged = lb(false);
+        ranged.source_ranges = vec![net("203.0.113.0/24"), net("198.51.100.7/25")];
+        let mut ranged_v6_only = lb(false);
+        ranged_v6_only.lb_ips = vec![ip("192.0.2.202")];
+        ranged_v6_only.cluster_ips = vec![ip("198.19.0.22")];
+        ranged_v6_only.external_ips.clear();
+        ranged_v6_only.ports[0].node_port = None;
+        ranged_v6_only.source_ranges = vec![net("2001:db8:2::/48")];
+        let source_ranges = model(Mode::Full, vec![("ranged", ranged), ("ranged-v6-only", ranged_v6_only)]);
+
+        let mut v6_lb = ServiceModel {
+            cluster_ips: vec![ip("2001:db8:ff::10"), ip("198.19.0.30")],
+            lb_ips: vec![ip("2001:db8:1::c8"), ip("192.0.2.203")],
+            ports: vec![http(vec![
+                Endpoint::ready(ip("2001:db8:100::2"), 8080, "node-1"),
+                Endpoint::ready(ip("2001:db8:100:1::2"), 8080, "node-2"),
+                ep("198.18.1.2", "node-1"),
+            ])],
+            source_ranges: vec![net("2001:db8:1::/64")],
+            affinity_timeout: Some(300),
+            ..ServiceModel::default()
+        };
+        v6_lb.ports[0].node_port = Some(31003);
+        let mut ipv6 = model(Mode::Full, vec![("dual", v6_lb)]);
+        ipv6.family = Family::V6;
+        ipv6.node_ips = vec![ip("2001:db8:1::11"), ip("::1"), ip("192.0.2.11")];
+        ipv6.pod_cidrs = vec![net("2001:db8:100::/64"), net("198.18.1.0/24")];
+
+        let mut lb_only = model(Mode::Full, vec![("lb", lb(false)), ("lb-local", lb(true))]);
+        lb_only.mode = Mode::LbOnly;
+        lb_only.services.get_mut(&ServiceKey::new("default", "lb-local")).unwrap().lb_ips = vec![ip("192.0.2.204")];
+        lb_only
+            .services
+            .insert(ServiceKey::new("default", "plain"), cluster_ip("198.19.0.17", vec![http(two_endpoints())]));
+
+        vec![
+            ("clusterip", clusterip),
+            ("nodeport", nodeport),
+            ("lb_cluster", lb_cluster),
+            ("lb_local", lb_local),
+            ("affinity", affinity),
+            ("no_endpoints", no_endpoints),
+            ("source_ranges", source_ranges),
+            ("ipv6", ipv6),
+            ("lb_only", lb_only),
+        ]
+    }
+
+    /// Every fixture's services in one model (distinct names, so nothing collides).
+    fn combined() -> Model {
+        let mut all = model(Mode::Full, vec![]);
+        for (name, m) in fixtures() {
+            if m.family != Family::V4 || m.mode != Mode::Full {
+                continue;
+            }
+            for (key, svc) in m.services {
+                all.services.insert(ServiceKey::new(name.replace('_', "-"), key.name), svc);
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn snapshots() {
+        for (name, m) in fixtures() {
+            insta::assert_snapshot!(name, render_full(&m));
+        }
+    }
+
+    #[test]
+    fn delete_snapshot() {
+        insta::assert_snapshot!(
+            render_delete(Family::V6),
+            @r"
+        add table ip6 ferrolb
+        delete table ip6 ferrolb
+        "
+        );
+    }
+
+    /// The same facts in any order give the same text.
+    #[test]
+    fn rendering_is_deterministic() {
+        for (name, m) in fixtures() {
+            let mut shuffled = m.clone();
+            shuffled.node_ips.reverse();
+            shuffled.pod_cidrs.reverse();
+            let services: Vec<_> = shuffled.services.into_iter().rev().collect();
+            shuffled.services = BTreeMap::new();
+            for (key, mut svc) in services {
+                svc.cluster_ips.reverse();
+                svc.lb_ips.reverse();
+                svc.source_ranges.reverse();
+                svc.ports.reverse();
+                for p in &mut svc.ports {
+                    p.endpoints.reverse();
+                }
+                shuffled.services.insert(key, svc);
+            }
+            assert_eq!(render_full(&m), render_full(&shuffled), "{name}");
+        }
+    }
+
+    #[test]
+    fn nodeports_never_listen_on_loopback() {
+        let text = render_full(&fixtures()[1].1);
+        assert!(text.contains("add element ip ferrolb node-ips { 192.0.2.11 }"));
+        assert!(!text.contains("127.0.0.1"));
+    }
+
+    #[test]
+    fn lb_only_renders_only_lb_dispatch() {
+        let (_, m) = fixtures().pop().unwrap();
+        let text = render_full(&m);
+        assert!(!text.contains("198.19."), "no cluster IPs:\n{text}");
+        assert!(!text.contains("31001"), "no node ports:\n{text}");
+        assert!(!text.contains("192.0.2.150"), "no externalIPs:\n{text}");
+        assert!(text.contains("192.0.2.200 . tcp . 80 : goto ext-"));
+    }
+
+    fn next_of(prev: &Model) -> Model {
+        let mut next = prev.clone();
+        let key = |ns: &str, name: &str| ServiceKey::new(ns, name);
+        // Removed, added, endpoints changed, affinity timeout changed, policy flipped.
+        next.services.remove(&key("clusterip", "web"));
+        next.services.insert(key("new", "svc"), cluster_ip("198.19.0.99", vec![http(two_endpoints())]));
+        let np = next.services.get_mut(&key("nodeport", "np")).unwrap();
+        np.ports[0].endpoints.push(ep("198.18.3.2", "node-3"));
+        np.ports[0].endpoints.remove(0);
+        let sticky = next.services.get_mut(&key("affinity", "sticky")).unwrap();
+        sticky.affinity_timeout = Some(30);
+        let lb = next.services.get_mut(&key("lb-cluster", "lb")).unwrap();
+        lb.external_local = true;
+        let empty = next.services.get_mut(&key("no-endpoints", "empty")).unwrap();
+        empty.ports[0].endpoints.push(ep("198.18.1.50", "node-1"));
+        let itp = next.services.get_mut(&key("no-endpoints", "itp-local")).unwrap();
+        itp.internal_local = false;
+        next.node_ips.push(ip("192.0.2.99"));
+        next.pod_cidrs.push(net("198.18.101.0/24"));
+        next
+    }
+
+    #[test]
+    fn partial_touches_only_changes() {
+        let prev = combined();
+        assert_eq!(render_partial(&prev, &prev), "");
+        let text = render_partial(&prev, &next_of(&prev));
+        assert!(!text.contains("add table"));
+        insta::assert_snapshot!("partial", text);
+    }
+
+    #[test]
+    fn partial_falls_back_to_full_on_mode_change() {
+        let prev = combined();
+        let mut next = prev.clone();
+        next.mode = Mode::LbOnly;
+        assert_eq!(render_partial(&prev, &next), render_full(&next));
+    }
+
+    // ---- real nftables, in a throw-away network namespace ----
+
+    /// Fails (never skips) when the test cannot run for real.
+    fn require_root_and_nft() {
+        let uid = Command::new("id").arg("-u").output().expect("cannot run `id -u`");
+        let uid = String::from_utf8_lossy(&uid.stdout).trim().to_owned();
+        assert_eq!(uid, "0", "the nftables tests need root (to unshare a network namespace); uid is {uid}");
+        let nft = Command::new("nft").arg("--version").output();
+        assert!(nft.map(|o| o.status.success()).unwrap_or(false), "the nftables tests need the `nft` tool on PATH");
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f.flush().unwrap();
+        f
+    }
+
+    /// Runs `script` under `sh` in a fresh network namespace; returns stdout, fails with stderr.
+    fn in_netns(script: &str) -> String {
+        require_root_and_nft();
+        let out =
+            Command::new("unshare").args(["--net", "--", "sh", "-ec", script]).output().expect("cannot run unshare");
+        assert!(out.status.success(), "`{script}` failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn family_word(m: &Model) -> &'static str {
+        Fam::of(m.family).nft
+    }
+
+    #[test]
+    fn nft_accepts_every_fixture() {
+        for (name, m) in fixtures() {
+            let f = file(&render_full(&m));
+            let path = f.path().display();
+            in_netns(&format!("nft -c -f {path} || {{ echo {name} >&2; exit 1; }}"));
+        }
+    }
+
+    #[test]
+    fn nft_applies_full_twice_and_deletes() {
+        for (name, m) in fixtures() {
+            let full = file(&render_full(&m));
+            let delete = file(&render_delete(m.family));
+            let (full, delete) = (full.path().display(), delete.path().display());
+            let fam = family_word(&m);
+            let listed = in_netns(&format!(
+                "echo {name} >&2; nft -f {full}; nft -f {full}; nft list table {fam} ferrolb; \
+                 nft -f {delete}; nft -f {delete}; ! nft list table {fam} ferrolb 2>/dev/null"
+            ));
+            assert!(listed.contains("chain services"), "{name}: {listed}");
+        }
+    }
+
+    /// Real packets, from the node itself, through the applied ruleset: ClusterIP, LB IP and
+    /// NodePort reach the endpoint; no endpoints is refused at once; a source outside
+    /// loadBalancerSourceRanges is dropped; 40 connections spread over both endpoints, or stay
+    /// on one under session affinity.
+    #[test]
+    fn nft_forwards_real_connections() {
+        let one = || vec![ep("198.18.1.2", "node-1")];
+        let mut np = http(one());
+        np.node_port = Some(31000);
+        let mut lb_svc = cluster_ip("198.19.0.11", vec![np]);
+        lb_svc.lb_ips = vec![ip("192.0.2.200")];
+        let mut ranged = cluster_ip("198.19.0.12", vec![http(one())]);
+        ranged.lb_ips = vec![ip("192.0.2.201")];
+        ranged.source_ranges = vec![net("203.0.113.0/24")];
+        let two = || vec![ep("198.18.1.2", "node-1"), ep("198.18.1.3", "node-1")];
+        let mut sticky = cluster_ip("198.19.0.15", vec![http(two())]);
+        sticky.affinity_timeout = Some(60);
+        let m = model(
+            Mode::Full,
+            vec![
+                ("spread", cluster_ip("198.19.0.14", vec![http(two())])),
+                ("sticky", sticky),
+                ("web", cluster_ip("198.19.0.10", vec![http(one())])),
+                ("lb", lb_svc),
+                ("empty", cluster_ip("198.19.0.13", vec![http(vec![])])),
+                ("ranged", ranged),
+            ],
+        );
+        let rules = file(&render_full(&m));
+        let probe = file(
+            r#"
+import socket, threading, time
+def serve(addr):
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((addr, 8080))
+    srv.listen(64)
+    while True:
+        c, _ = srv.accept()
+        c.sendall(addr.encode())
+        c.close()
+for addr in ["198.18.1.2", "198.18.1.3"]:
+    threading.Thread(target=serve, args=(addr,), daemon=True).start()
+time.sleep(0.2)
+def backends(addr, n):
+    return sorted({socket.create_connection((addr, 80), timeout=1).recv(16) for _ in range(n)})
+def probe(name, addr, port):
+    start = time.monotonic()
+    try:
+        s = socket.create_connection((addr, port), timeout=1)
+        print(name, "ok" if s.recv(16).startswith(b"198.18.1.") else "wrong-reply")
+    except ConnectionRefusedError:
+        print(name, "refused", "fast" if time.monotonic() - start < 0.1 else "slow")
+    except OSError as e:
+        print(name, "timeout" if isinstance(e, socket.timeout) else repr(e))
+probe("clusterip", "198.19.0.10", 80)
+probe("lb", "192.0.2.200", 80)
+probe("nodeport", "192.0.2.11", 31000)
+probe("empty", "198.19.0.13", 80)
+probe("ranged", "192.0.2.201", 80)
+print("spread", len(backends("198.19.0.14", 40)))
+print("sticky", len(backends("198.19.0.15", 40)))
+"#,
+        );
+        let out = in_netns(&format!(
+            "ip link set lo up; ip link add d0 type veth peer name d1; ip link set d1 up; ip link set d0 up; \
+             ip addr add 198.18.1.2/24 dev d0; ip addr add 198.18.1.3/24 dev d0; ip addr add 192.0.2.11/24 dev d0; \
+             ip route add 198.19.0.0/16 dev d0; nft -f {}; python3 {}",
+            rules.path().display(),
+            probe.path().display()
+        ));
+        assert_eq!(out, "clusterip ok\nlb ok\nnodeport ok\nempty refused fast\nranged timeout\nspread 2\nsticky 1\n");
+    }
+
+    /// `nft list` output as sorted tokens, each tagged with its chain, set or map, so that two
+    /// tables built along different paths compare equal when their content is.
+    fn normalized(listing: &str) -> Vec<String> {
+        let mut header = String::new();
+        let mut tokens = Vec::new();
+        for raw in listing.lines() {
+            let l = raw.trim();
+            if l.starts_with("chain ") || l.starts_with("set ") || l.starts_with("map ") {
+                header = l.to_owned();
+                continue;
+            }
+            let l = l.strip_prefix("elements = { ").unwrap_or(l);
+            for t in l.split(", ") {
+                let t = t.trim_end_matches(',').trim_end_matches(" }").trim();
+                if !t.is_empty() && t != "}" {
+                    tokens.push(format!("{header} | {t}"));
+                }
+            }
+        }
+        tokens.sort();
+        tokens
+    }
+
+    #[test]
+    fn nft_partial_sync_equals_full_sync() {
+        let prev = combined();
+        let next = next_of(&prev);
+        let (full_prev, partial, full_next) =
+            (file(&render_full(&prev)), file(&render_partial(&prev, &next)), file(&render_full(&next)));
+        let (a, b, c) = (full_prev.path().display(), partial.path().display(), full_next.path().display());
+        let incremental = in_netns(&format!("nft -f {a}; nft -f {b}; nft list table ip ferrolb"));
+        let fresh = in_netns(&format!("nft -f {c}; nft list table ip ferrolb"));
+        assert!(normalized(&fresh).len() > 100, "too little to compare:\n{fresh}");
+        assert_eq!(normalized(&incremental), normalized(&fresh));
+
+        // And back again, which deletes what was added.
+        let back = file(&render_partial(&next, &prev));
+        let d = back.path().display();
+        let round_trip = in_netns(&format!("nft -f {a}; nft -f {b}; nft -f {d}; nft list table ip ferrolb"));
+        let original = in_netns(&format!("nft -f {a}; nft list table ip ferrolb"));
+        assert_eq!(normalized(&round_trip), normalized(&original));
+        assert_ne!(normalized(&original), normalized(&fresh));
+    }
+}

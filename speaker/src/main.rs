@@ -1,0 +1,143 @@
+//! `ferrolb-speaker`: parse flags, build, run, shut down.
+//!
+//! `ferrolb-speaker respond --ip …` answers ARP/NDP for fixed addresses on this host's
+//! interfaces (no cluster needed): the layer-2 part on its own, for drills and debugging.
+//! The cluster mode (membership, election from the API, data plane) is built on the same parts.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use ferrolb_speaker::l2::responder::{ANNOUNCE_SCHEDULE, Announced, L2Event, Responder, usable_interfaces};
+
+#[derive(Parser)]
+#[command(name = "ferrolb-speaker", version, about = "ferrolb's per-node speaker")]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(long, env = "FERROLB_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    /// Log level filter (tracing EnvFilter syntax).
+    #[arg(long, env = "FERROLB_LOG_LEVEL", default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run in a cluster: membership, election, and ARP/NDP for the addresses this node wins.
+    Run {
+        /// This node's name.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// This node's address, where the membership listens (usually status.hostIP).
+        #[arg(long, env = "NODE_IP")]
+        node_ip: std::net::IpAddr,
+        /// Namespace of the IPAddressPools and L2Advertisements.
+        #[arg(long, env = "FERROLB_NAMESPACE", default_value = "ferrolb-system")]
+        namespace: String,
+        /// UDP port of the speakers' membership.
+        #[arg(long, env = "FERROLB_MEMBERSHIP_PORT", default_value_t = 7946)]
+        membership_port: u16,
+        /// File holding the membership's shared secret (only speakers that know it join).
+        #[arg(long, env = "FERROLB_MEMBERSHIP_SECRET_FILE")]
+        secret_file: Option<std::path::PathBuf>,
+        /// The load balancer class served.
+        #[arg(long, env = "FERROLB_LB_CLASS", default_value = ferrolb_api::annotations::DEFAULT_LOAD_BALANCER_CLASS)]
+        lb_class: String,
+        /// Serve only Services whose spec.loadBalancerClass names our class.
+        #[arg(long, env = "FERROLB_REQUIRE_LB_CLASS", default_value_t = false)]
+        require_lb_class: bool,
+    },
+    /// Answer ARP and NDP for fixed addresses until SIGTERM, after announcing them.
+    Respond {
+        /// An address to announce (repeat for more).
+        #[arg(long = "ip", required = true)]
+        ips: Vec<IpAddr>,
+        /// Interfaces to answer on (default: every usable one).
+        #[arg(long = "interface")]
+        interfaces: Vec<String>,
+    },
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+}
+
+async fn respond(ips: Vec<IpAddr>, only: Vec<String>) -> Result<()> {
+    let mut want = Announced::default();
+    for ip in &ips {
+        want.insert(*ip);
+    }
+    let ifaces: Vec<_> =
+        usable_interfaces().into_iter().filter(|i| only.is_empty() || only.contains(&i.name)).collect();
+    if ifaces.is_empty() {
+        bail!(
+            "no usable interface (up, with a MAC, not loopback){}",
+            if only.is_empty() { String::new() } else { format!(" among {only:?}") }
+        );
+    }
+    let events: Arc<dyn Fn(L2Event) + Send + Sync> = Arc::new(|e| tracing::debug!(event = ?e, "l2"));
+    let mut responders = BTreeMap::new();
+    for i in &ifaces {
+        let r = Responder::start(i, events.clone()).with_context(|| format!("opening a raw socket on {}", i.name))?;
+        let taken = r.set(&want);
+        tracing::info!(interface = %i.name, mac = %r.mac, addresses = ?taken, "answering");
+        responders.insert(i.name.clone(), Arc::new(r));
+    }
+    for r in responders.values() {
+        let r = r.clone();
+        let ips = ips.clone();
+        tokio::spawn(async move {
+            let mut last = std::time::Duration::ZERO;
+            for at in ANNOUNCE_SCHEDULE {
+                tokio::time::sleep(*at - last).await;
+                last = *at;
+                for ip in &ips {
+                    r.announce(*ip);
+                }
+            }
+        });
+    }
+    shutdown_signal().await;
+    tracing::info!("stopping");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?;
+    let sub = tracing_subscriber::fmt().with_env_filter(filter);
+    if cli.log_format == "json" {
+        sub.json().init()
+    } else {
+        sub.init()
+    }
+    match cli.command {
+        Command::Respond { ips, interfaces } => respond(ips, interfaces).await,
+        Command::Run { node, node_ip, namespace, membership_port, secret_file, lb_class, require_lb_class } => {
+            let secret = match secret_file {
+                Some(p) => Some(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?),
+                None => None,
+            };
+            let settings = ferrolb_speaker::announcer::Settings {
+                node,
+                class: ferrolb_config::ClassPolicy { class: lb_class, require: require_lb_class },
+                namespace,
+                membership_port,
+                node_ip,
+                secret,
+            };
+            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+            let events: Arc<dyn Fn(L2Event) + Send + Sync> = Arc::new(|e| tracing::debug!(event = ?e, "l2"));
+            ferrolb_speaker::announcer::run(client, settings, events, shutdown_signal()).await
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The speaker end to end in the lab: exactly one node answers ARP for each LoadBalancer
+//! address, only nodes with endpoints under `Local`, and the address moves when its node is
+//! cordoned or its speaker dies, but not when the API server goes away.
+//!
+//! Needs root (it brings up its own lab); fails loudly without it.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use ferrolb_e2e::{Case, Controller, Lab, Speaker, arping, host_mac, run_suite, wait_for};
+
+static SPEAKERS: Mutex<Vec<Speaker>> = Mutex::new(Vec::new());
+static CONTROLLER: Mutex<Option<Controller>> = Mutex::new(None);
+
+fn main() -> ExitCode {
+    let cases: &[Case] = &[
+        ("setup_lab_controller_and_three_speakers", setup),
+        ("a_loadbalancer_address_is_answered_by_exactly_one_node", exactly_one),
+        ("local_policy_announces_only_from_nodes_with_endpoints", local_policy),
+        ("cordoning_the_announcer_moves_the_address", cordon),
+        ("killing_the_announcers_speaker_moves_the_address", kill_speaker),
+        ("stopping_the_api_server_changes_nothing_on_the_wire", api_down),
+    ];
+    let code = run_suite("speaker", cases);
+    SPEAKERS.lock().map(|mut s| s.clear()).ok();
+    code
+}
+
+fn setup(lab: &Lab) -> Result<()> {
+    lab.lab(&["up"])?;
+    lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds")])?;
+    lab.kubectl(&["wait", "--for=condition=Established", "crd/l2advertisements.ferrolb.io", "--timeout=30s"])?;
+    lab.kubectl(&["create", "namespace", "ferrolb-system"])?;
+    lab.apply(
+        "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: lan, namespace: ferrolb-system}\nspec:\n  addresses: [192.0.2.200-192.0.2.250, 2001:db8:1::c8-2001:db8:1::fa]\n---\napiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {name: all, namespace: ferrolb-system}\n",
+    )?;
+    lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/demo/hostname.yaml")])?;
+    lab.kubectl(&["rollout", "status", "deployment/hostname", "--timeout=60s"])?;
+    *CONTROLLER.lock().unwrap_or_else(|e| e.into_inner()) = Some(Controller::start("ctl", 17475, &[])?);
+    let mut speakers = SPEAKERS.lock().unwrap_or_else(|e| e.into_inner());
+    for i in 1..=3 {
+        speakers.push(Speaker::start(i)?);
+    }
+    Ok(())
+}
+
+fn node_macs() -> Result<BTreeMap<String, String>> {
+    (1..=3).map(|i| Ok((host_mac(&format!("node-{i}"))?, format!("node-{i}")))).collect()
+}
+
+fn lb(lab: &Lab, name: &str, local: bool, selector: &str) -> Result<String> {
+    lab.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: {}\n  selector: {{{selector}}}\n  ports: [{{port: 80, targetPort: 80}}]\n",
+        if local { "Local" } else { "Cluster" }
+    ))?;
+    wait_for(&format!("an address for {name}"), Duration::from_secs(20), || {
+        let v = lab.kubectl_json(&["get", "service", name])?;
+        Ok(v["status"]["loadBalancer"]["ingress"][0]["ip"].as_str().map(str::to_string))
+    })
+}
+
+/// The node answering for `ip`: every one of `count` replies from the same MAC.
+fn announcer(ip: &str, count: u32) -> Result<Option<String>> {
+    let macs = arping(ip, count)?;
+    let nodes = node_macs()?;
+    if macs.is_empty() {
+        return Ok(None);
+    }
+    ensure!(macs.len() == count as usize, "{count} requests got {} replies: {macs:?}", macs.len());
+    ensure!(macs.iter().all(|m| *m == macs[0]), "replies from several MACs: {macs:?}");
+    nodes.get(&macs[0]).cloned().map(Some).with_context(|| format!("{} is no node's MAC", macs[0]))
+}
+
+fn wait_announcer(ip: &str, not: Option<&str>) -> Result<String> {
+    wait_for(&format!("a node to answer for {ip}"), Duration::from_secs(20), || {
+        Ok(announcer(ip, 1)?.filter(|n| Some(n.as_str()) != not))
+    })
+}
+
+/// The node answering for `ip` once the answers have settled: the same node three times in a
+/// row, so a test does not start from a takeover still in flight.
+fn settled_announcer(ip: &str) -> Result<String> {
+    let mut last: Vec<String> = Vec::new();
+    wait_for(&format!("the answers for {ip} to settle"), Duration::from_secs(30), || {
+        if let Some(n) = announcer(ip, 1)? {
+            last.push(n);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let n = last.len();
+        Ok((n >= 3 && last[n - 3..].iter().all(|x| *x == last[n - 1])).then(|| last[n - 1].clone()))
+    })
+}
+
+fn exactly_one(lab: &Lab) -> Result<()> {
+    let ip = lb(lab, "web", false, "app: webserver")?;
+    let node = wait_announcer(&ip, None)?;
+    let again = announcer(&ip, 3)?.context("no answer")?;
+    ensure!(again == node, "announcer changed from {node} to {again}");
+    println!("  {ip} announced by {node}");
+    Ok(())
+}
+
+fn local_policy(lab: &Lab) -> Result<()> {
+    lab.apply(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: single}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: single}}\n  template:\n    metadata: {labels: {app: single}}\n    spec:\n      containers:\n      - {name: web, image: alicek106/rr-test:echo-hostname, ports: [{containerPort: 80}]}\n",
+    )?;
+    lab.kubectl(&["rollout", "status", "deployment/single", "--timeout=60s"])?;
+    let pod = lab.pods("app=single")?.into_iter().next().context("no pod")?;
+    let pod_node = pod["spec"]["nodeName"].as_str().unwrap_or_default().to_string();
+    let ip = lb(lab, "single-local", true, "app: single")?;
+    let node = wait_announcer(&ip, None)?;
+    ensure!(node == pod_node, "Local service announced by {node}, but its only endpoint is on {pod_node}");
+    Ok(())
+}
+
+fn web_ip(lab: &Lab) -> Result<String> {
+    let v = lab.kubectl_json(&["get", "service", "web"])?;
+    v["status"]["loadBalancer"]["ingress"][0]["ip"].as_str().map(str::to_string).context("web has no address")
+}
+
+fn cordon(lab: &Lab) -> Result<()> {
+    let ip = web_ip(lab)?;
+    let before = settled_announcer(&ip)?;
+    let t = Instant::now();
+    lab.kubectl(&["cordon", &before])?;
+    let after = wait_announcer(&ip, Some(&before))?;
+    println!("  cordon {before}: {ip} moved to {after} ({:.2} s by arping)", t.elapsed().as_secs_f64());
+    // Uncordoned, the node ranks first again and takes the address back.
+    lab.kubectl(&["uncordon", &before])?;
+    let back = settled_announcer(&ip)?;
+    ensure!(back == before, "after uncordon {ip} settled on {back}, not {before}");
+    Ok(())
+}
+
+fn kill_speaker(lab: &Lab) -> Result<()> {
+    let ip = web_ip(lab)?;
+    let before = settled_announcer(&ip)?;
+    let i: usize = before.trim_start_matches("node-").parse()?;
+    let t = Instant::now();
+    SPEAKERS.lock().unwrap_or_else(|e| e.into_inner())[i - 1].kill();
+    let after = wait_announcer(&ip, Some(&before))?;
+    println!("  SIGKILL speaker on {before}: {ip} moved to {after} ({:.2} s by arping)", t.elapsed().as_secs_f64());
+    // Restarted, it rejoins the membership and takes the address back.
+    SPEAKERS.lock().unwrap_or_else(|e| e.into_inner())[i - 1].restart()?;
+    let back = settled_announcer(&ip)?;
+    ensure!(back == before, "after the restart {ip} settled on {back}, not {before}");
+    let _ = lab;
+    Ok(())
+}
+
+fn api_down(lab: &Lab) -> Result<()> {
+    let ip = web_ip(lab)?;
+    let before = settled_announcer(&ip)?;
+    let pid = std::fs::read_to_string("/run/ferrolb-lab/pids/kube-apiserver.pid")?;
+    ferrolb_e2e::run("kill", &["-9", pid.trim()])?;
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = announcer(&ip, 1)?;
+        ensure!(
+            now.as_deref() == Some(before.as_str()),
+            "with the API server down, {ip} is answered by {now:?}, was {before}"
+        );
+    }
+    lab.lab(&["up"])?;
+    Ok(())
+}
