@@ -34,6 +34,7 @@ use crate::election::{self, Announcement};
 use crate::facts;
 use crate::l2::responder::{ANNOUNCE_SCHEDULE, Announced, EventSink, Responder, usable_interfaces};
 use crate::membership;
+use crate::metrics::{AnnouncedLabel, Metrics};
 
 /// How the speaker runs (from flags).
 #[derive(Clone, Debug)]
@@ -152,9 +153,11 @@ fn interfaces_for(a: &Announcement, usable: &[pnet_datalink::NetworkInterface]) 
 pub async fn run(
     client: Client,
     s: Settings,
-    events: EventSink,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let sink_metrics = metrics.clone();
+    let events: EventSink = Arc::new(move |e| sink_metrics.l2(e));
     let caches = Caches::start(&client, &s);
     let members = membership::start(membership::Settings {
         identity: membership::Member {
@@ -171,6 +174,7 @@ pub async fn run(
     })
     .await?;
     caches.ready().await?;
+    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(node = %s.node, "caches synced; announcing");
 
     // Join: ask every peer we know of, now and then, to let us in.
@@ -188,6 +192,9 @@ pub async fn run(
     let mut alive_rx = members.alive.clone();
     let mut shutdown = pin!(shutdown);
     let mut mine: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+    // When the change that this pass reacts to was seen; `None` on the first pass, whose
+    // addresses are not a takeover.
+    let mut woke: Option<std::time::Instant> = None;
     loop {
         let alive = alive_rx.borrow_and_update().clone();
         let won: BTreeMap<IpAddr, Announcement> =
@@ -203,6 +210,13 @@ pub async fn run(
         }
         if now_mine != mine {
             tracing::info!(announcing = ?now_mine, "announcements changed");
+            metrics.announced.clear();
+            for a in won.values() {
+                for svc in &a.services {
+                    let label = AnnouncedLabel { service: svc.clone(), node: s.node.clone(), ip: a.ip.to_string() };
+                    metrics.announced.get_or_create(&label).set(1);
+                }
+            }
         }
         // Open what is needed, close what is not, and tell each responder its addresses. A
         // closing responder stops answering now, even while an announcement task still holds it.
@@ -230,6 +244,7 @@ pub async fn run(
             let taken = r.set(want);
             if !taken.is_empty() {
                 let r = r.clone();
+                let (metrics, woke) = (metrics.clone(), woke);
                 tokio::spawn(async move {
                     let mut last = Duration::ZERO;
                     for at in ANNOUNCE_SCHEDULE {
@@ -238,6 +253,9 @@ pub async fn run(
                         for ip in taken.iter().filter(|ip| r.answers(**ip)) {
                             r.announce(*ip);
                         }
+                        if let Some(t) = woke.filter(|_| last.is_zero()) {
+                            metrics.takeover.observe(t.elapsed().as_secs_f64());
+                        }
                     }
                 });
             }
@@ -245,8 +263,11 @@ pub async fn run(
         mine = now_mine;
 
         tokio::select! {
-            _ = caches.changed.notified() => {}
-            r = alive_rx.changed() => { if r.is_err() { anyhow::bail!("the membership stopped"); } }
+            _ = caches.changed.notified() => woke = Some(std::time::Instant::now()),
+            r = alive_rx.changed() => {
+                if r.is_err() { anyhow::bail!("the membership stopped"); }
+                woke = Some(std::time::Instant::now());
+            }
             _ = &mut shutdown => {
                 tracing::info!("leaving the membership");
                 members.leave().await;

@@ -21,3 +21,4 @@ pub mod election;
 pub mod facts;
 pub mod l2;
 pub mod membership;
+pub mod metrics;

@@ -50,6 +50,9 @@ enum Command {
         /// Serve only Services whose spec.loadBalancerClass names our class.
         #[arg(long, env = "FERROLB_REQUIRE_LB_CLASS", default_value_t = false)]
         require_lb_class: bool,
+        /// Address of /metrics, /healthz and /readyz.
+        #[arg(long, env = "FERROLB_METRICS_ADDR", default_value = "0.0.0.0:7472")]
+        metrics_addr: std::net::SocketAddr,
     },
     /// Answer ARP and NDP for fixed addresses until SIGTERM, after announcing them.
     Respond {
@@ -122,7 +125,16 @@ async fn main() -> Result<()> {
     }
     match cli.command {
         Command::Respond { ips, interfaces } => respond(ips, interfaces).await,
-        Command::Run { node, node_ip, namespace, membership_port, secret_file, lb_class, require_lb_class } => {
+        Command::Run {
+            node,
+            node_ip,
+            namespace,
+            membership_port,
+            secret_file,
+            lb_class,
+            require_lb_class,
+            metrics_addr,
+        } => {
             let secret = match secret_file {
                 Some(p) => Some(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?),
                 None => None,
@@ -136,8 +148,11 @@ async fn main() -> Result<()> {
                 secret,
             };
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
-            let events: Arc<dyn Fn(L2Event) + Send + Sync> = Arc::new(|e| tracing::debug!(event = ?e, "l2"));
-            ferrolb_speaker::announcer::run(client, settings, events, shutdown_signal()).await
+            let metrics = Arc::new(ferrolb_speaker::metrics::Metrics::default());
+            let server = tokio::spawn(ferrolb_speaker::metrics::serve(metrics_addr, metrics.clone()));
+            let r = ferrolb_speaker::announcer::run(client, settings, metrics, shutdown_signal()).await;
+            server.abort();
+            r
         }
     }
 }

@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         ("local_policy_announces_only_from_nodes_with_endpoints", local_policy),
         ("cordoning_the_announcer_moves_the_address", cordon),
         ("killing_the_announcers_speaker_moves_the_address", kill_speaker),
+        ("metrics_count_requests_answers_and_takeovers", metrics),
         ("stopping_the_api_server_changes_nothing_on_the_wire", api_down),
     ];
     let code = run_suite("speaker", cases);
@@ -147,6 +148,54 @@ fn kill_speaker(lab: &Lab) -> Result<()> {
     SPEAKERS.lock().unwrap_or_else(|e| e.into_inner())[i - 1].restart()?;
     let back = settled_announcer(&ip)?;
     ensure!(back == before, "after the restart {ip} settled on {back}, not {before}");
+    let _ = lab;
+    Ok(())
+}
+
+/// The `/metrics` text of node-`i`'s speaker.
+fn speaker_metrics(i: u8) -> Result<String> {
+    ferrolb_e2e::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &format!("node-{i}"),
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            &format!("http://192.0.2.{}:7472/metrics", 10 + i),
+        ],
+    )
+}
+
+/// The value of the first sample whose line starts with `prefix` (0 when absent).
+fn sample(metrics: &str, prefix: &str) -> f64 {
+    metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+}
+
+fn metrics(lab: &Lab) -> Result<()> {
+    let ip = web_ip(lab)?;
+    let node = settled_announcer(&ip)?;
+    announcer(&ip, 2)?;
+    let i: u8 = node.trim_start_matches("node-").parse()?;
+    let m = speaker_metrics(i)?;
+    let announced = format!("ferrolb_speaker_announced{{service=\"default/web\",node=\"{node}\",ip=\"{ip}\"}}");
+    ensure!(sample(&m, &announced) == 1.0, "{announced} missing:\n{m}");
+    let ip_label = format!("{{ip=\"{ip}\"}}");
+    ensure!(sample(&m, &format!("ferrolb_l2_requests_received_total{ip_label}")) >= 2.0, "requests:\n{m}");
+    ensure!(sample(&m, &format!("ferrolb_l2_responses_sent_total{ip_label}")) >= 2.0, "responses:\n{m}");
+    ensure!(sample(&m, &format!("ferrolb_l2_gratuitous_sent_total{ip_label}")) >= 1.0, "gratuitous:\n{m}");
+    // The cordon and crash drills moved the address: the nodes that took it counted takeovers
+    // (a restarted speaker starts its counts afresh, so look at all of them).
+    let (mut count, mut sum) = (0.0, 0.0);
+    for n in 1..=3 {
+        let m = speaker_metrics(n)?;
+        count += sample(&m, "ferrolb_speaker_takeover_seconds_count");
+        sum += sample(&m, "ferrolb_speaker_takeover_seconds_sum");
+    }
+    ensure!(count >= 1.0, "no takeover was counted on any node");
+    println!("  takeovers counted: {count}, mean change -> first gratuitous packet {:.1} ms", 1000.0 * sum / count);
     let _ = lab;
     Ok(())
 }

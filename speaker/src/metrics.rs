@@ -1,0 +1,105 @@
+//! The speaker's metrics (`/metrics`) and health (`/healthz`, `/readyz`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::l2::responder::L2Event;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IpLabel {
+    pub ip: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnnouncedLabel {
+    pub service: String,
+    pub node: String,
+    pub ip: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<IpLabel, Counter>,
+    pub responses: Family<IpLabel, Counter>,
+    pub gratuitous: Family<IpLabel, Counter>,
+    pub announced: Family<AnnouncedLabel, Gauge>,
+    /// Seconds from the change that made this node the announcer (a peer declared dead, a node
+    /// cordoned, …, as this speaker saw it) to its first gratuitous packet.
+    pub takeover: Histogram,
+    /// The caches have synced and the membership runs.
+    pub ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("ferrolb");
+        let requests = Family::<IpLabel, Counter>::default();
+        let responses = Family::<IpLabel, Counter>::default();
+        let gratuitous = Family::<IpLabel, Counter>::default();
+        let announced = Family::<AnnouncedLabel, Gauge>::default();
+        let takeover = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
+        registry.register("l2_requests_received", "ARP/NDP requests for addresses we announce", requests.clone());
+        registry.register("l2_responses_sent", "ARP/NDP answers sent", responses.clone());
+        registry.register("l2_gratuitous_sent", "Gratuitous ARP / unsolicited NA sent", gratuitous.clone());
+        registry.register("speaker_announced", "1 for each address this node announces", announced.clone());
+        registry.register(
+            "speaker_takeover_seconds",
+            "From the change to the first gratuitous packet",
+            takeover.clone(),
+        );
+        Metrics { registry, requests, responses, gratuitous, announced, takeover, ready: AtomicBool::new(false) }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts one wire event.
+    pub fn l2(&self, e: L2Event) {
+        let (family, ip) = match e {
+            L2Event::Request(ip) => (&self.requests, ip),
+            L2Event::Response(ip) => (&self.responses, ip),
+            L2Event::Gratuitous(ip) => (&self.gratuitous, ip),
+        };
+        family.get_or_create(&IpLabel { ip: ip.to_string() }).inc();
+    }
+}
+
+async fn metrics(State(m): State<Arc<Metrics>>) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    (StatusCode::OK, [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode())
+}
+
+async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
+    if m.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
+pub async fn serve(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(m);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}
