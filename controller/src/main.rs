@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use ferrolb_controller::controller::{self, Settings};
-use ferrolb_controller::metrics::{self, Metrics};
+use ferrolb_controller::metrics::Metrics;
 use ferrolb_controller::service::ClassPolicy;
 
 #[derive(Parser, Debug)]
@@ -48,24 +48,10 @@ struct Args {
     log_level: String,
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).context("--log-level")?;
-    let sub = tracing_subscriber::fmt().with_env_filter(filter);
-    if args.log_format == "json" {
-        sub.json().init()
-    } else {
-        sub.init()
-    }
+    ferrolb_telemetry::init_logs(&args.log_format, &args.log_level).context("--log-level")?;
 
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -85,7 +71,7 @@ async fn main() -> Result<()> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut http_stop = stop_rx.clone();
-    let http = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone(), async move {
+    let http = tokio::spawn(ferrolb_telemetry::serve(args.metrics_addr, metrics.clone(), async move {
         let _ = http_stop.changed().await;
     }));
     let mut ctl_stop = stop_rx;
@@ -95,7 +81,7 @@ async fn main() -> Result<()> {
     tokio::pin!(ctl);
     tokio::select! {
         r = &mut ctl => { r?; }
-        _ = shutdown_signal() => {
+        _ = ferrolb_telemetry::shutdown_signal() => {
             let _ = stop_tx.send(true);
             ctl.await?;
         }

@@ -65,14 +65,6 @@ enum Command {
     },
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-}
-
 async fn respond(ips: Vec<IpAddr>, only: Vec<String>) -> Result<()> {
     let mut want = Announced::default();
     for ip in &ips {
@@ -108,7 +100,7 @@ async fn respond(ips: Vec<IpAddr>, only: Vec<String>) -> Result<()> {
             }
         });
     }
-    shutdown_signal().await;
+    ferrolb_telemetry::shutdown_signal().await;
     tracing::info!("stopping");
     Ok(())
 }
@@ -116,13 +108,7 @@ async fn respond(ips: Vec<IpAddr>, only: Vec<String>) -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?;
-    let sub = tracing_subscriber::fmt().with_env_filter(filter);
-    if cli.log_format == "json" {
-        sub.json().init()
-    } else {
-        sub.init()
-    }
+    ferrolb_telemetry::init_logs(&cli.log_format, &cli.log_level).context("--log-level")?;
     match cli.command {
         Command::Respond { ips, interfaces } => respond(ips, interfaces).await,
         Command::Run {
@@ -149,8 +135,9 @@ async fn main() -> Result<()> {
             };
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
             let metrics = Arc::new(ferrolb_speaker::metrics::Metrics::default());
-            let server = tokio::spawn(ferrolb_speaker::metrics::serve(metrics_addr, metrics.clone()));
-            let r = ferrolb_speaker::announcer::run(client, settings, metrics, shutdown_signal()).await;
+            let server = tokio::spawn(ferrolb_telemetry::serve(metrics_addr, metrics.clone(), std::future::pending()));
+            let r =
+                ferrolb_speaker::announcer::run(client, settings, metrics, ferrolb_telemetry::shutdown_signal()).await;
             server.abort();
             r
         }

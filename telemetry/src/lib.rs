@@ -1,0 +1,63 @@
+//! What every ferrolb binary serves and sets up the same way: the `/metrics`, `/healthz` and
+//! `/readyz` endpoints, the log format, and the signals that stop it.
+
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+
+/// What a binary exposes: its metrics in the Prometheus text format, and whether it is ready.
+pub trait Telemetry: Send + Sync + 'static {
+    fn encode(&self) -> String;
+    fn ready(&self) -> bool;
+}
+
+async fn metrics<T: Telemetry>(State(t): State<Arc<T>>) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    (StatusCode::OK, [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], t.encode())
+}
+
+async fn readyz<T: Telemetry>(State(t): State<Arc<T>>) -> (StatusCode, &'static str) {
+    if t.ready() { (StatusCode::OK, "ok\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` resolves.
+pub async fn serve<T: Telemetry>(
+    addr: SocketAddr,
+    t: Arc<T>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics::<T>))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz::<T>))
+        .with_state(t);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// Logs to stderr at `level` (tracing's EnvFilter syntax), as `json` or text.
+pub fn init_logs(format: &str, level: &str) -> Result<(), tracing_subscriber::filter::ParseError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)?;
+    let sub = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        sub.json().init()
+    } else {
+        sub.init()
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+}
