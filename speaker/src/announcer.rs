@@ -35,6 +35,7 @@ use crate::facts;
 use crate::l2::responder::{ANNOUNCE_SCHEDULE, Announced, EventSink, Responder, usable_interfaces};
 use crate::membership;
 use crate::metrics::{AnnouncedLabel, Metrics};
+use crate::status;
 
 /// How the speaker runs (from flags).
 #[derive(Clone, Debug)]
@@ -188,6 +189,15 @@ pub async fn run(
         }
     });
 
+    let (view_tx, view_rx) = tokio::sync::watch::channel(status::View::default());
+    let status_task = tokio::spawn(status::run(
+        client.clone(),
+        s.namespace.clone(),
+        s.node.clone(),
+        caches.services.clone(),
+        view_rx,
+    ));
+
     let mut responders: BTreeMap<String, Arc<Responder>> = BTreeMap::new();
     let mut alive_rx = members.alive.clone();
     let mut shutdown = pin!(shutdown);
@@ -197,17 +207,35 @@ pub async fn run(
     let mut woke: Option<std::time::Instant> = None;
     loop {
         let alive = alive_rx.borrow_and_update().clone();
-        let won: BTreeMap<IpAddr, Announcement> =
-            caches.elect(&s, &alive).into_iter().filter(|(_, a)| a.node == s.node).collect();
+        let all = caches.elect(&s, &alive);
+        let mut view = status::View { alive, ..Default::default() };
         let usable = usable_interfaces();
+        let mut won: BTreeMap<IpAddr, Announcement> = BTreeMap::new();
         let mut per_iface: BTreeMap<String, Announced> = BTreeMap::new();
         let mut now_mine: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
-        for a in won.values() {
-            for i in interfaces_for(a, &usable) {
-                per_iface.entry(i.clone()).or_default().insert(a.ip);
-                now_mine.entry(a.ip).or_default().push(i);
+        for (ip, a) in all {
+            view.announced.extend(a.services.iter().cloned());
+            if a.node != s.node {
+                continue;
             }
+            for i in interfaces_for(&a, &usable) {
+                per_iface.entry(i.clone()).or_default().insert(a.ip);
+                now_mine.entry(a.ip).or_default().push(i.clone());
+                for svc in &a.services {
+                    view.mine.entry(svc.clone()).or_default().push(i.clone());
+                }
+            }
+            won.insert(ip, a);
         }
+        for ifaces in view.mine.values_mut() {
+            ifaces.sort();
+            ifaces.dedup();
+        }
+        view_tx.send_if_modified(|v| {
+            let changed = *v != view;
+            *v = view;
+            changed
+        });
         if now_mine != mine {
             tracing::info!(announcing = ?now_mine, "announcements changed");
             metrics.announced.clear();
@@ -272,6 +300,7 @@ pub async fn run(
                 tracing::info!("leaving the membership");
                 members.leave().await;
                 drop(responders);
+                status_task.abort();
                 return Ok(());
             }
         }

@@ -22,3 +22,4 @@ pub mod facts;
 pub mod l2;
 pub mod membership;
 pub mod metrics;
+pub mod status;

@@ -41,7 +41,11 @@ enum Command {
         /// UDP port of the speakers' membership.
         #[arg(long, env = "FERROLB_MEMBERSHIP_PORT", default_value_t = 7946)]
         membership_port: u16,
-        /// File holding the membership's shared secret (only speakers that know it join).
+        /// Secret (in --namespace) whose key `secretkey` holds the membership's shared secret:
+        /// only speakers that know it join.
+        #[arg(long, env = "FERROLB_MEMBERSHIP_SECRET", conflicts_with = "secret_file")]
+        membership_secret: Option<String>,
+        /// File holding the membership's shared secret (a mounted Secret, say), instead.
         #[arg(long, env = "FERROLB_MEMBERSHIP_SECRET_FILE")]
         secret_file: Option<std::path::PathBuf>,
         /// The load balancer class served.
@@ -105,6 +109,20 @@ async fn respond(ips: Vec<IpAddr>, only: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// The key of the membership Secret that holds the shared secret (as MetalLB's memberlist).
+const SECRET_KEY: &str = "secretkey";
+
+/// The shared secret from Secret `name`: key `secretkey`, not empty.
+async fn read_secret(client: &kube::Client, namespace: &str, name: &str) -> Result<Vec<u8>> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client.clone(), namespace);
+    let secret = api.get(name).await.with_context(|| format!("reading the membership Secret {namespace}/{name}"))?;
+    let value = secret.data.and_then(|mut d| d.remove(SECRET_KEY)).map(|b| b.0).unwrap_or_default();
+    if value.is_empty() {
+        bail!("the membership Secret {namespace}/{name} has no key {SECRET_KEY:?} (or it is empty)");
+    }
+    Ok(value)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -116,14 +134,17 @@ async fn main() -> Result<()> {
             node_ip,
             namespace,
             membership_port,
+            membership_secret,
             secret_file,
             lb_class,
             require_lb_class,
             metrics_addr,
         } => {
-            let secret = match secret_file {
-                Some(p) => Some(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?),
-                None => None,
+            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+            let secret = match (secret_file, membership_secret) {
+                (Some(p), _) => Some(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?),
+                (None, Some(name)) => Some(read_secret(&client, &namespace, &name).await?),
+                (None, None) => None,
             };
             let settings = ferrolb_speaker::announcer::Settings {
                 node,
@@ -133,7 +154,6 @@ async fn main() -> Result<()> {
                 node_ip,
                 secret,
             };
-            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
             let metrics = Arc::new(ferrolb_speaker::metrics::Metrics::default());
             let server = tokio::spawn(ferrolb_telemetry::serve(metrics_addr, metrics.clone(), std::future::pending()));
             let r =

@@ -20,9 +20,11 @@ fn main() -> ExitCode {
         ("setup_lab_controller_and_three_speakers", setup),
         ("a_loadbalancer_address_is_answered_by_exactly_one_node", exactly_one),
         ("local_policy_announces_only_from_nodes_with_endpoints", local_policy),
+        ("the_announcer_writes_a_servicel2status_object", status_object),
         ("cordoning_the_announcer_moves_the_address", cordon),
         ("killing_the_announcers_speaker_moves_the_address", kill_speaker),
         ("metrics_count_requests_answers_and_takeovers", metrics),
+        ("a_missing_membership_secret_is_a_clear_error", missing_secret),
         ("stopping_the_api_server_changes_nothing_on_the_wire", api_down),
     ];
     let code = run_suite("speaker", cases);
@@ -35,6 +37,15 @@ fn setup(lab: &Lab) -> Result<()> {
     lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds")])?;
     lab.kubectl(&["wait", "--for=condition=Established", "crd/l2advertisements.ferrolb.io", "--timeout=30s"])?;
     lab.kubectl(&["create", "namespace", "ferrolb-system"])?;
+    lab.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        ferrolb_e2e::MEMBERSHIP_SECRET,
+        "-n",
+        "ferrolb-system",
+        "--from-literal=secretkey=lab-e2e-shared-secret",
+    ])?;
     lab.apply(
         "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: lan, namespace: ferrolb-system}\nspec:\n  addresses: [192.0.2.200-192.0.2.250, 2001:db8:1::c8-2001:db8:1::fa]\n---\napiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {name: all, namespace: ferrolb-system}\n",
     )?;
@@ -117,6 +128,58 @@ fn local_policy(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// `(node, interfaces)` of the ServiceL2Status of `service` (in `default`), if there is one.
+fn l2_status(lab: &Lab, service: &str) -> Result<Option<(String, Vec<String>)>> {
+    let v = lab.kubectl_json(&["get", "servicel2statuses", "-n", "ferrolb-system"])?;
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    Ok(items.iter().find(|o| o["metadata"]["name"] == format!("default.{service}")).map(|o| {
+        let st = &o["status"];
+        let ifaces = st["interfaces"].as_array().cloned().unwrap_or_default();
+        (
+            st["node"].as_str().unwrap_or_default().to_string(),
+            ifaces.iter().filter_map(|i| i["name"].as_str().map(str::to_string)).collect(),
+        )
+    }))
+}
+
+/// Waits for the ServiceL2Status of `service` to name `node`.
+fn wait_l2_status(lab: &Lab, service: &str, node: &str) -> Result<Vec<String>> {
+    wait_for(&format!("ServiceL2Status default.{service} to name {node}"), Duration::from_secs(20), || {
+        Ok(l2_status(lab, service)?.filter(|(n, _)| n == node).map(|(_, i)| i))
+    })
+}
+
+/// The notes of the `nodeAssigned` Events on Service `service`.
+fn node_assigned(lab: &Lab, service: &str) -> Result<Vec<String>> {
+    let v = lab.kubectl_json(&[
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.name={service},reason=nodeAssigned"),
+    ])?;
+    Ok(v["items"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["message"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default())
+}
+
+fn status_object(lab: &Lab) -> Result<()> {
+    let ip = web_ip(lab)?;
+    let node = settled_announcer(&ip)?;
+    let ifaces = wait_l2_status(lab, "web", &node)?;
+    ensure!(ifaces == ["eth0"], "interfaces {ifaces:?}, expected [eth0]");
+    let want = format!("announcing from node \"{node}\" with protocol \"layer2\"");
+    wait_for("a nodeAssigned Event", Duration::from_secs(10), || {
+        Ok(node_assigned(lab, "web")?.contains(&want).then_some(()))
+    })?;
+    // One object per announced service: the Local one too, and none for a service without one.
+    let all = lab.kubectl_json(&["get", "servicel2statuses", "-n", "ferrolb-system"])?;
+    let names: Vec<_> = all["items"].as_array().into_iter().flatten().map(ferrolb_e2e::name).collect();
+    ensure!(names == ["default.single-local", "default.web"], "objects {names:?}");
+    println!("  default.web: {node} on {ifaces:?}; Event: {want}");
+    Ok(())
+}
+
 fn web_ip(lab: &Lab) -> Result<String> {
     let v = lab.kubectl_json(&["get", "service", "web"])?;
     v["status"]["loadBalancer"]["ingress"][0]["ip"].as_str().map(str::to_string).context("web has no address")
@@ -129,10 +192,16 @@ fn cordon(lab: &Lab) -> Result<()> {
     lab.kubectl(&["cordon", &before])?;
     let after = wait_announcer(&ip, Some(&before))?;
     println!("  cordon {before}: {ip} moved to {after} ({:.2} s by arping)", t.elapsed().as_secs_f64());
+    wait_l2_status(lab, "web", &after)?;
+    let want = format!("announcing from node \"{after}\" with protocol \"layer2\"");
+    wait_for("the takeover's nodeAssigned Event", Duration::from_secs(10), || {
+        Ok(node_assigned(lab, "web")?.contains(&want).then_some(()))
+    })?;
     // Uncordoned, the node ranks first again and takes the address back.
     lab.kubectl(&["uncordon", &before])?;
     let back = settled_announcer(&ip)?;
     ensure!(back == before, "after uncordon {ip} settled on {back}, not {before}");
+    wait_l2_status(lab, "web", &before)?;
     Ok(())
 }
 
@@ -196,6 +265,30 @@ fn metrics(lab: &Lab) -> Result<()> {
     }
     ensure!(count >= 1.0, "no takeover was counted on any node");
     println!("  takeovers counted: {count}, mean change -> first gratuitous packet {:.1} ms", 1000.0 * sum / count);
+    let _ = lab;
+    Ok(())
+}
+
+fn missing_secret(lab: &Lab) -> Result<()> {
+    let out = ferrolb_e2e::output(
+        "env",
+        &[
+            "KUBECONFIG=/run/ferrolb-lab/pki/admin.kubeconfig",
+            "nsenter",
+            "--net=/run/netns/node-1",
+            "--",
+            ferrolb_e2e::lab_bin()?.with_file_name("ferrolb-speaker").to_str().context("path")?,
+            "run",
+            "--node=node-1",
+            "--node-ip=192.0.2.11",
+            "--membership-port=17946",
+            "--metrics-addr=127.0.0.1:17472",
+            "--membership-secret=no-such-secret",
+        ],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "started without its Secret");
+    ensure!(err.contains("membership Secret ferrolb-system/no-such-secret"), "unclear error: {err}");
     let _ = lab;
     Ok(())
 }

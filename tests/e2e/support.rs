@@ -307,6 +307,10 @@ impl Controller {
     }
 }
 
+/// The Secret (in ferrolb-system, key `secretkey`) the test speakers read their shared
+/// membership secret from.
+pub const MEMBERSHIP_SECRET: &str = "ferrolb-memberlist";
+
 /// A `ferrolb-speaker run` on a lab node, in the node's network namespace (the chart issue runs
 /// it as a host-network DaemonSet pod).
 pub struct Speaker {
@@ -328,6 +332,7 @@ impl Speaker {
             .arg("--")
             .arg(lab_bin()?.with_file_name("ferrolb-speaker"))
             .args(["run", &format!("--node={node}"), &format!("--node-ip=192.0.2.{}", 10 + index)])
+            .arg(format!("--membership-secret={MEMBERSHIP_SECRET}"))
             .env("KUBECONFIG", "/run/ferrolb-lab/pki/admin.kubeconfig");
         Proc::spawn(cmd, &format!("speaker-{node}"))
     }
