@@ -6,7 +6,7 @@ export FERROLB_K8S_BIN_DIR ?=
 
 DEB_PACKAGES := nftables iproute2 iputils-arping ndisc6 tcpdump curl openssl procps ca-certificates util-linux python3
 
-.PHONY: all deps k8s-bins build lab lab-down test lint fmt bench-controller
+.PHONY: all deps k8s-bins build lab lab-down test lint fmt bench-controller manifests
 
 all: build
 
@@ -46,6 +46,10 @@ test: deps k8s-bins lint build
 bench-controller: deps k8s-bins
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p ferrolb-e2e --bench controller
+
+## manifests: render deploy/manifests/ferrolb.yaml from the chart (the chart test checks it).
+manifests: k8s-bins
+	bash hack/render-manifests.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
