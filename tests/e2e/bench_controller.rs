@@ -15,7 +15,7 @@ use ferrolb_config::{PoolInput, build_pools};
 use ferrolb_controller::allocator::{Allocator, Request};
 use ferrolb_controller::reconcile::{Action, Reconciler};
 use ferrolb_controller::service::ClassPolicy;
-use ferrolb_e2e::{Controller, Lab, run};
+use ferrolb_e2e::{Controller, Lab, run, vm_hwm_kib};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -58,11 +58,6 @@ fn service(name: &str) -> Service {
         }),
         status: None,
     }
-}
-
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn in_memory(rows: &mut Vec<(String, String)>) {

@@ -4,13 +4,12 @@
 //!
 //! Needs root (it brings up its own lab); fails loudly without it.
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use ferrolb_e2e::{Case, Controller, Lab, Speaker, arping, host_mac, run_suite, wait_for};
+use ferrolb_e2e::{Case, Controller, Lab, Speaker, announcer, run_suite, settled_announcer, wait_announcer, wait_for};
 
 static SPEAKERS: Mutex<Vec<Speaker>> = Mutex::new(Vec::new());
 static CONTROLLER: Mutex<Option<Controller>> = Mutex::new(None);
@@ -34,21 +33,7 @@ fn main() -> ExitCode {
 
 fn setup(lab: &Lab) -> Result<()> {
     lab.lab(&["up"])?;
-    lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds")])?;
-    lab.kubectl(&["wait", "--for=condition=Established", "crd/l2advertisements.ferrolb.io", "--timeout=30s"])?;
-    lab.kubectl(&["create", "namespace", "ferrolb-system"])?;
-    lab.kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        ferrolb_e2e::MEMBERSHIP_SECRET,
-        "-n",
-        "ferrolb-system",
-        "--from-literal=secretkey=lab-e2e-shared-secret",
-    ])?;
-    lab.apply(
-        "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: lan, namespace: ferrolb-system}\nspec:\n  addresses: [192.0.2.200-192.0.2.250, 2001:db8:1::c8-2001:db8:1::fa]\n---\napiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {name: all, namespace: ferrolb-system}\n",
-    )?;
+    ferrolb_e2e::ferrolb_system(lab, &["192.0.2.200-192.0.2.250", "2001:db8:1::c8-2001:db8:1::fa"])?;
     lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/demo/hostname.yaml")])?;
     lab.kubectl(&["rollout", "status", "deployment/hostname", "--timeout=60s"])?;
     *CONTROLLER.lock().unwrap_or_else(|e| e.into_inner()) = Some(Controller::start("ctl", 17475, &[])?);
@@ -59,10 +44,6 @@ fn setup(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-fn node_macs() -> Result<BTreeMap<String, String>> {
-    (1..=3).map(|i| Ok((host_mac(&format!("node-{i}"))?, format!("node-{i}")))).collect()
-}
-
 fn lb(lab: &Lab, name: &str, local: bool, selector: &str) -> Result<String> {
     lab.apply(&format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: {}\n  selector: {{{selector}}}\n  ports: [{{port: 80, targetPort: 80}}]\n",
@@ -71,38 +52,6 @@ fn lb(lab: &Lab, name: &str, local: bool, selector: &str) -> Result<String> {
     wait_for(&format!("an address for {name}"), Duration::from_secs(20), || {
         let v = lab.kubectl_json(&["get", "service", name])?;
         Ok(v["status"]["loadBalancer"]["ingress"][0]["ip"].as_str().map(str::to_string))
-    })
-}
-
-/// The node answering for `ip`: every one of `count` replies from the same MAC.
-fn announcer(ip: &str, count: u32) -> Result<Option<String>> {
-    let macs = arping(ip, count)?;
-    let nodes = node_macs()?;
-    if macs.is_empty() {
-        return Ok(None);
-    }
-    ensure!(macs.len() == count as usize, "{count} requests got {} replies: {macs:?}", macs.len());
-    ensure!(macs.iter().all(|m| *m == macs[0]), "replies from several MACs: {macs:?}");
-    nodes.get(&macs[0]).cloned().map(Some).with_context(|| format!("{} is no node's MAC", macs[0]))
-}
-
-fn wait_announcer(ip: &str, not: Option<&str>) -> Result<String> {
-    wait_for(&format!("a node to answer for {ip}"), Duration::from_secs(20), || {
-        Ok(announcer(ip, 1)?.filter(|n| Some(n.as_str()) != not))
-    })
-}
-
-/// The node answering for `ip` once the answers have settled: the same node three times in a
-/// row, so a test does not start from a takeover still in flight.
-fn settled_announcer(ip: &str) -> Result<String> {
-    let mut last: Vec<String> = Vec::new();
-    wait_for(&format!("the answers for {ip} to settle"), Duration::from_secs(30), || {
-        if let Some(n) = announcer(ip, 1)? {
-            last.push(n);
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        let n = last.len();
-        Ok((n >= 3 && last[n - 3..].iter().all(|x| *x == last[n - 1])).then(|| last[n - 1].clone()))
     })
 }
 

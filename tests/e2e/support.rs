@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
 /// The `ferrolb-lab` binary built beside the test: `$FERROLB_LAB_BIN`, else
@@ -386,4 +386,69 @@ pub fn arping(ip: &str, count: u32) -> Result<Vec<String>> {
         .filter(|l| l.contains("reply from"))
         .filter_map(|l| l.split('[').nth(1)?.split(']').next().map(str::to_string))
         .collect())
+}
+
+/// The lab's node names by the MAC of their eth0 (upper case, as arping prints it).
+pub fn node_macs() -> Result<std::collections::BTreeMap<String, String>> {
+    (1..=3).map(|i| Ok((host_mac(&format!("node-{i}"))?, format!("node-{i}")))).collect()
+}
+
+/// The node answering for `ip`: every one of `count` replies from the same MAC.
+pub fn announcer(ip: &str, count: u32) -> Result<Option<String>> {
+    let macs = arping(ip, count)?;
+    let nodes = node_macs()?;
+    if macs.is_empty() {
+        return Ok(None);
+    }
+    ensure!(macs.len() == count as usize, "{count} requests got {} replies: {macs:?}", macs.len());
+    ensure!(macs.iter().all(|m| *m == macs[0]), "replies from several MACs: {macs:?}");
+    nodes.get(&macs[0]).cloned().map(Some).with_context(|| format!("{} is no node's MAC", macs[0]))
+}
+
+pub fn wait_announcer(ip: &str, not: Option<&str>) -> Result<String> {
+    wait_for(&format!("a node to answer for {ip}"), Duration::from_secs(20), || {
+        Ok(announcer(ip, 1)?.filter(|n| Some(n.as_str()) != not))
+    })
+}
+
+/// The node answering for `ip` once the answers have settled: the same node three times in a
+/// row, so a test does not start from a takeover still in flight.
+pub fn settled_announcer(ip: &str) -> Result<String> {
+    let mut last: Vec<String> = Vec::new();
+    wait_for(&format!("the answers for {ip} to settle"), Duration::from_secs(30), || {
+        if let Some(n) = announcer(ip, 1)? {
+            last.push(n);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let n = last.len();
+        Ok((n >= 3 && last[n - 3..].iter().all(|x| *x == last[n - 1])).then(|| last[n - 1].clone()))
+    })
+}
+
+/// What ferrolb needs in the lab before a controller and speakers start: the CRDs, namespace
+/// `ferrolb-system` with the membership Secret, pool `lan` of `addresses`, and an
+/// L2Advertisement for every pool.
+pub fn ferrolb_system(lab: &Lab, addresses: &[&str]) -> Result<()> {
+    lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds")])?;
+    lab.kubectl(&["wait", "--for=condition=Established", "crd/l2advertisements.ferrolb.io", "--timeout=30s"])?;
+    lab.kubectl(&["create", "namespace", "ferrolb-system"])?;
+    lab.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        MEMBERSHIP_SECRET,
+        "-n",
+        "ferrolb-system",
+        "--from-literal=secretkey=lab-e2e-shared-secret",
+    ])?;
+    lab.apply(&format!(
+        "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {{name: lan, namespace: ferrolb-system}}\nspec:\n  addresses: [{}]\n---\napiVersion: ferrolb.io/v1beta1\nkind: L2Advertisement\nmetadata: {{name: all, namespace: ferrolb-system}}\n",
+        addresses.join(", ")
+    ))
+}
+
+/// Peak resident memory (`VmHWM`) of a process, KiB.
+pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
 }
