@@ -6,7 +6,7 @@ export FERROLB_K8S_BIN_DIR ?=
 
 DEB_PACKAGES := nftables iproute2 iputils-arping ndisc6 tcpdump curl openssl procps ca-certificates util-linux python3
 
-.PHONY: all deps k8s-bins build lab lab-down test lint fmt bench-controller manifests
+.PHONY: all deps k8s-bins build lab lab-down test lint fmt bench-controller bench-speaker manifests
 
 all: build
 
@@ -50,6 +50,11 @@ bench-controller: deps k8s-bins
 ## manifests: render deploy/manifests/ferrolb.yaml from the chart (the chart test checks it).
 manifests: k8s-bins
 	bash hack/render-manifests.sh
+
+## bench-speaker: the speaker benchmark table (failover drills, ARP latency, memory; brings up its own lab).
+bench-speaker: deps k8s-bins
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p ferrolb-e2e --bench speaker
 
 lint:
 	$(CARGO) fmt --all -- --check
