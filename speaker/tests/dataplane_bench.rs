@@ -1,0 +1,104 @@
+//! Benchmark of the nftables data plane against a real kernel, in a throw-away network
+//! namespace: full load, a re-apply of the full ruleset over itself (what a restart does), and
+//! one-service partial syncs, at 1,000 and 10,000 services × 10 endpoints. Prints a table.
+//!
+//! `cargo test -p ferrolb-speaker --release --test dataplane_bench -- --ignored --nocapture`
+//! (needs root; ignored by default because it takes a minute).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+
+use ferrolb_speaker::dataplane::model::{Endpoint, Family, Mode, Model, PortModel, Protocol, ServiceKey, ServiceModel};
+use ferrolb_speaker::dataplane::render::{render_cleanup, render_full, render_partial};
+
+fn v4(n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(n))
+}
+
+fn service(s: u32, endpoints: u32) -> ServiceModel {
+    let base_svc = u32::from(Ipv4Addr::new(198, 19, 0, 0));
+    let base_ep = u32::from(Ipv4Addr::new(198, 18, 0, 0));
+    let eps = (0..endpoints)
+        .map(|e| Endpoint::ready(v4(base_ep + s * endpoints + e), 8080, &format!("node-{}", e % 3 + 1)))
+        .collect();
+    // Node ports for the first 2,700 services only: the range has no more.
+    let node_port = if s < 2700 { u16::try_from(30000 + s).ok() } else { None };
+    let port = PortModel { name: "http".into(), proto: Protocol::Tcp, port: 80, node_port, endpoints: eps };
+    ServiceModel { cluster_ips: vec![v4(base_svc + s + 1)], ports: vec![port], ..ServiceModel::default() }
+}
+
+fn synthetic(services: u32, endpoints: u32) -> Model {
+    Model {
+        node: "node-1".into(),
+        family: Family::V4,
+        mode: Mode::Full,
+        node_ips: vec!["192.0.2.11".parse().unwrap()],
+        pod_cidrs: vec!["198.18.1.0/24".parse().unwrap()],
+        services: (0..services)
+            .map(|s| (ServiceKey::new("bench", format!("svc-{s}")), service(s, endpoints)))
+            .collect(),
+    }
+}
+
+fn file(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture, as root"]
+fn sync_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = std::env::var("BENCH_KEEP").is_ok();
+    let mut rows = BTreeMap::new();
+    for n in [1000u32, 10000] {
+        let m = synthetic(n, 10);
+        let key = ServiceKey::new("bench", "svc-7");
+
+        let mut endpoint_moved = m.clone();
+        endpoint_moved.services.get_mut(&key).unwrap().ports[0].endpoints[0].ip = "198.18.250.1".parse().unwrap();
+        let mut added = m.clone();
+        added.services.insert(ServiceKey::new("bench", "new"), service(n + 1, 10));
+        let mut removed = m.clone();
+        removed.services.remove(&key);
+
+        let steps = [
+            ("full", file(dir.path(), "full", &render_full(&m))),
+            ("full again (restart)", file(dir.path(), "refull", &render_full(&m))),
+            ("partial: one endpoint replaced", file(dir.path(), "p1", &render_partial(&m, &endpoint_moved).now)),
+            ("partial: back", file(dir.path(), "p1b", &render_partial(&endpoint_moved, &m).now)),
+            ("partial: service added", file(dir.path(), "p2", &render_partial(&m, &added).now)),
+            ("partial: service removed", file(dir.path(), "p3", &render_partial(&added, &m).now)),
+        ];
+        let stale = render_partial(&endpoint_moved, &m);
+        let chains: BTreeSet<String> = stale.stale_chains.into_iter().collect();
+        let cleanup = file(dir.path(), "c", &render_cleanup(&m, &chains, &BTreeSet::new()));
+        let mut script = String::from(
+            "t() { s=$(date +%s%N); nft -f \"$2\"; e=$(date +%s%N); echo \"$1|$(( (e-s)/1000000 ))\"; }\n",
+        );
+        for (name, path) in steps.iter().chain([("cleanup (deferred deletes)", cleanup)].iter()) {
+            script.push_str(&format!("t '{name}' {path}\n"));
+        }
+        if keep {
+            for (i, (_, path)) in steps.iter().enumerate() {
+                std::fs::copy(path, format!("/tmp/flb/step{i}_{n}.nft")).unwrap();
+            }
+        }
+        let out = Command::new("unshare").args(["--net", "--", "sh", "-ec", &script]).output().expect("unshare");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            let (name, ms) = l.split_once('|').unwrap();
+            rows.entry(name.to_owned()).or_insert_with(Vec::new).push(ms.to_owned());
+        }
+    }
+    println!("\n| step | 1,000 services × 10 | 10,000 services × 10 |\n|---|---|---|");
+    for (name, ms) in rows {
+        println!("| {name} | {} ms | {} ms |", ms[0], ms[1]);
+    }
+}
