@@ -4,3 +4,4 @@
 pub mod model;
 pub mod render;
 pub mod runner;
+pub mod source;
