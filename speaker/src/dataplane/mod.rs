@@ -5,3 +5,5 @@ pub mod model;
 pub mod render;
 pub mod runner;
 pub mod source;
+pub mod metrics;
+pub mod healthcheck;
