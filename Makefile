@@ -4,7 +4,7 @@ CARGO ?= cargo
 LAB := target/debug/ferrolb-lab
 export FERROLB_K8S_BIN_DIR ?=
 
-DEB_PACKAGES := nftables iproute2 iputils-arping ndisc6 tcpdump curl openssl procps ca-certificates util-linux python3
+DEB_PACKAGES := nftables iproute2 iputils-arping ndisc6 tcpdump curl openssl procps ca-certificates util-linux python3 conntrack
 
 .PHONY: all deps k8s-bins build lab lab-down test lint fmt bench-controller bench-speaker manifests
 

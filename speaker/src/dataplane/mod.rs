@@ -1,9 +1,20 @@
-//! The nftables data plane: a model of what to forward, and its rendering as one `nft -f -`
-//! transaction.
+//! The nftables data plane: a model of what to forward, its rendering as one `nft -f -`
+//! transaction, and the loop that keeps the kernel in step with the cluster.
+//!
+//! ```text
+//!   Services, EndpointSlices, Nodes ──> source (pure) ──> model ──> render (pure) ──> runner ──> nft -f -
+//!                                                           ├──> healthcheck (healthCheckNodePort servers)
+//!                                                           └──> conntrack (stale UDP flows)
+//!   sync: the loop around them; metrics: what it reports
+//! ```
 
+pub mod conntrack;
+pub mod healthcheck;
+pub mod metrics;
 pub mod model;
 pub mod render;
 pub mod runner;
 pub mod source;
-pub mod metrics;
-pub mod healthcheck;
+pub mod sync;
+
+pub use sync::{DataplaneSettings, run};

@@ -293,13 +293,15 @@ mod tests {
         s
     }
 
-    /// `eps`: (address, node, ready, serving, terminating); `None` conditions when all are None.
+    /// (address, node, ready, serving, terminating).
+    type SliceEp<'a> = (&'a str, &'a str, Option<bool>, Option<bool>, Option<bool>);
+
     fn slice(
         name: &str,
         service: &str,
         family: &str,
         ports: &[(&str, &str, i32)],
-        eps: &[(&str, &str, Option<bool>, Option<bool>, Option<bool>)],
+        eps: &[SliceEp<'_>],
     ) -> EndpointSlice {
         EndpointSlice {
             metadata: ObjectMeta {
