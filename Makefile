@@ -38,6 +38,7 @@ lab-down: build
 ## test: lint, unit tests, then the lab tests (which bring a lab up and take it down).
 test: deps k8s-bins lint build
 	$(CARGO) test --workspace --exclude ferrolb-e2e
+	$(CARGO) test -p ferrolb-e2e --test chart
 	$(CARGO) test -p ferrolb-e2e --test lab
 	$(CARGO) test -p ferrolb-e2e --test controller
 	$(CARGO) test -p ferrolb-e2e --test speaker
