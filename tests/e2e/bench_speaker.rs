@@ -2,13 +2,13 @@
 //!
 //! In the lab, with a controller and three speakers (release build):
 //! 1. Takeover on the wire, 20 drills each for cordon and for SIGKILL of the announcer's
-//!    speaker. The client sends a broadcast ARP request for the address every 5 ms (`arping -b`)
-//!    while `tcpdump` on the client records every ARP reply with the kernel's timestamp. The
+//!    speaker. The client sends a broadcast ARP request for the address every 5 ms and records
+//!    every ARP reply with its time (`ferrolb-lab arp-probe`; `arping` cannot go below 1 s). The
 //!    takeover is the gap from the last reply with the old node's MAC to the first with the new
 //!    one (a gratuitous reply counts: the client's cache takes it); negative when both answered
 //!    for a moment. Also the time from the command (cordon, kill) to that first new reply.
-//! 2. ARP reply latency at 1000 requests/s: `arping -b -i 0.001` from the client, its own
-//!    round-trip times.
+//! 2. ARP reply latency at 1000 requests/s: `arp-probe` at a 1 ms interval, request sent to
+//!    reply received, in the client.
 //! 3. The speaker's memory with 1000 announced addresses: 1000 more LoadBalancer Services, the
 //!    other two speakers stopped, so node-1 announces them all.
 
@@ -31,54 +31,58 @@ fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-/// The client watching who answers for an address: `arping -b` every 5 ms and `tcpdump` of the
-/// replies.
+/// The client watching who answers for an address: `ferrolb-lab arp-probe`, a broadcast
+/// who-has every 5 ms, each reply printed with its time.
 struct WireProbe {
-    ip: String,
     log: std::path::PathBuf,
-    tcpdump: Child,
-    arping: Child,
+    child: Child,
+}
+
+/// `(time, MAC, round trip µs (None for a gratuitous reply))` of each line of an arp-probe.
+fn parse_probe(text: &str) -> Vec<(f64, String, Option<u64>)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let t: f64 = f.next()?.parse().ok()?;
+            let mac = f.next()?.to_uppercase();
+            Some((t, mac, f.next()?.parse().ok()))
+        })
+        .collect()
+}
+
+fn arp_probe(ip: &str, args: &[&str]) -> Result<Command> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", "client"]).arg(ferrolb_e2e::lab_bin()?).args(["arp-probe", ip]).args(args);
+    Ok(cmd)
 }
 
 impl WireProbe {
     fn start(ip: &str) -> Result<Self> {
         let log = std::env::temp_dir().join("ferrolb-bench-arp.txt");
-        let err = std::env::temp_dir().join("ferrolb-bench-arp.err");
-        let _ = std::fs::remove_file(&err);
-        let tcpdump = Command::new("ip")
-            .args(["netns", "exec", "client", "tcpdump", "-i", "eth0", "-n", "-l", "-tt", "-e", "arp"])
+        let child = arp_probe(ip, &["--interval-us", "5000"])?
             .stdout(std::fs::File::create(&log)?)
-            .stderr(std::fs::File::create(&err)?)
+            .stderr(Stdio::inherit())
             .spawn()?;
-        wait_for("tcpdump to listen", Duration::from_secs(5), || {
-            Ok(std::fs::read_to_string(&err).unwrap_or_default().contains("listening on").then_some(()))
-        })?;
-        let arping = Command::new("ip")
-            .args(["netns", "exec", "client", "arping", "-b", "-q", "-i", "0.005", "-w", "120", "-I", "eth0", ip])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        Ok(WireProbe { ip: ip.to_string(), log, tcpdump, arping })
+        let probe = WireProbe { log, child };
+        wait_for(
+            "the probe's first reply",
+            Duration::from_secs(5),
+            || Ok((!probe.replies().is_empty()).then_some(())),
+        )?;
+        Ok(probe)
     }
 
-    /// `(time, MAC)` of every ARP reply for the address so far, MACs upper case.
+    /// `(time, MAC)` of every reply so far, MACs upper case.
     fn replies(&self) -> Vec<(f64, String)> {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let needle = format!("Reply {} is-at ", self.ip);
-        text.lines()
-            .filter_map(|l| {
-                let t: f64 = l.split_whitespace().next()?.parse().ok()?;
-                let mac = l.split(&needle).nth(1)?.split([',', ' ']).next()?;
-                Some((t, mac.to_uppercase()))
-            })
+        parse_probe(&std::fs::read_to_string(&self.log).unwrap_or_default())
+            .into_iter()
+            .map(|(t, m, _)| (t, m))
             .collect()
     }
 
     fn stop(mut self) -> Vec<(f64, String)> {
-        let _ = self.arping.kill();
-        let _ = self.arping.wait();
-        let _ = Command::new("kill").args(["-INT", &self.tcpdump.id().to_string()]).status();
-        let _ = self.tcpdump.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         self.replies()
     }
 }
@@ -199,16 +203,10 @@ fn in_lab(lab: &Lab, rows: &mut Vec<(String, String)>) -> Result<()> {
     // 3. ARP reply latency at 1000 requests/s.
     let announcer = settled_announcer(&ip)?;
     let sent = 5000;
-    let out = Command::new("ip")
-        .args(["netns", "exec", "client", "arping", "-b", "-i", "0.001", "-c", &sent.to_string(), "-w", "15"])
-        .args(["-I", "eth0", &ip])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut rtts: Vec<f64> = text
-        .lines()
-        .filter(|l| l.contains("reply from"))
-        .filter_map(|l| l.split_whitespace().last()?.strip_suffix("ms")?.parse::<f64>().ok())
-        .map(|ms| ms / 1e3)
+    let out = arp_probe(&ip, &["--interval-us", "1000", "--count", &sent.to_string()])?.output()?;
+    let mut rtts: Vec<f64> = parse_probe(&String::from_utf8_lossy(&out.stdout))
+        .into_iter()
+        .filter_map(|(_, _, rtt)| Some(rtt? as f64 / 1e6))
         .collect();
     let answered = rtts.len();
     rows.push((

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod arp_probe;
 pub mod bins;
 pub mod cmd;
 pub mod control_plane;

@@ -69,6 +69,22 @@ enum Command {
     /// how the lab's tests see that a ferrolb image's pod gets its ServiceAccount's token.
     #[command(hide = true)]
     Whoami,
+    /// Broadcast ARP who-has for IP at a steady rate and print each reply (time, MAC, µs):
+    /// the client's view of a failover, for the speaker benchmark.
+    #[command(hide = true)]
+    ArpProbe {
+        ip: std::net::Ipv4Addr,
+        #[arg(long, default_value = "eth0")]
+        interface: String,
+        /// Microseconds between requests.
+        #[arg(long, default_value_t = 5000)]
+        interval_us: u64,
+        #[arg(long)]
+        count: Option<u64>,
+        /// Seconds to run.
+        #[arg(long)]
+        seconds: Option<f64>,
+    },
     /// The demo image's HTTP server (run by the agent for alicek106/rr-test:echo-hostname).
     #[command(hide = true)]
     HostnameServer {
@@ -128,6 +144,15 @@ async fn run(cli: Cli) -> Result<()> {
             init_tracing(&cli.log_format);
             tracing::info!(%node, "starting node agent");
             agent::run(paths, index, bin_dir).await
+        }
+        Command::ArpProbe { ip, interface, interval_us, count, seconds } => {
+            ferrolb_lab::arp_probe::run(ferrolb_lab::arp_probe::Probe {
+                ip,
+                interface,
+                interval: std::time::Duration::from_micros(interval_us.max(1)),
+                count,
+                duration: seconds.map(std::time::Duration::from_secs_f64),
+            })
         }
         Command::HostnameServer { pod, ports } => hostname::serve(pod, ports).await,
         Command::Whoami => {
