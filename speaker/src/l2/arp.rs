@@ -80,6 +80,11 @@ pub fn gratuitous(my_mac: MacAddr, ip: Ipv4Addr) -> [Vec<u8>; 2] {
     ]
 }
 
+/// A broadcast who-has for `target`, as a client sends it (for probes and tests).
+pub fn who_has(my_mac: MacAddr, my_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    build(MacAddr::broadcast(), ArpOperations::Request, (my_mac, my_ip), (MacAddr::zero(), target))
+}
+
 /// An Ethernet frame from the sender's MAC to `eth_dst` carrying one Ethernet/IPv4 ARP packet.
 fn build(
     eth_dst: MacAddr,

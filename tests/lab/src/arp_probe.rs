@@ -18,10 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use ferrolb_speaker::l2::arp::who_has;
 use pnet_datalink::{Channel, MacAddr};
-use pnet_packet::arp::{ArpHardwareTypes, ArpOperations, ArpPacket, MutableArpPacket};
-use pnet_packet::ethernet::{EtherTypes, EthernetPacket, MutableEthernetPacket};
-use pnet_packet::{MutablePacket, Packet};
+use pnet_packet::Packet;
+use pnet_packet::arp::{ArpOperations, ArpPacket};
+use pnet_packet::ethernet::{EtherTypes, EthernetPacket};
 
 /// What to probe, how often, for how long.
 #[derive(Clone, Debug)]
@@ -33,25 +34,6 @@ pub struct Probe {
     pub count: Option<u64>,
     /// …or after this long; with neither, at SIGINT/SIGTERM (the process is simply killed).
     pub duration: Option<Duration>,
-}
-
-fn request(my_mac: MacAddr, my_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
-    let mut frame = vec![0u8; 42];
-    let mut eth = MutableEthernetPacket::new(&mut frame).expect("42 bytes hold an Ethernet header");
-    eth.set_destination(MacAddr::broadcast());
-    eth.set_source(my_mac);
-    eth.set_ethertype(EtherTypes::Arp);
-    let mut arp = MutableArpPacket::new(eth.payload_mut()).expect("28 bytes hold an ARP packet");
-    arp.set_hardware_type(ArpHardwareTypes::Ethernet);
-    arp.set_protocol_type(EtherTypes::Ipv4);
-    arp.set_hw_addr_len(6);
-    arp.set_proto_addr_len(4);
-    arp.set_operation(ArpOperations::Request);
-    arp.set_sender_hw_addr(my_mac);
-    arp.set_sender_proto_addr(my_ip);
-    arp.set_target_hw_addr(MacAddr::zero());
-    arp.set_target_proto_addr(target);
-    frame
 }
 
 /// `(sender MAC, gratuitous)` if `frame` is an ARP reply for `ip`.
@@ -85,7 +67,7 @@ pub fn run(p: Probe) -> Result<()> {
         Channel::Ethernet(tx, rx) => (tx, rx),
         _ => bail!("{} is not an Ethernet interface", p.interface),
     };
-    let frame = request(my_mac, my_ip, p.ip);
+    let frame = who_has(my_mac, my_ip, p.ip);
     let last_sent = Arc::new(Mutex::new(Instant::now()));
     let sent = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
@@ -139,10 +121,13 @@ pub fn run(p: Probe) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pnet_packet::MutablePacket;
+    use pnet_packet::arp::MutableArpPacket;
+    use pnet_packet::ethernet::MutableEthernetPacket;
 
     #[test]
     fn a_request_is_a_broadcast_who_has() {
-        let f = request(MacAddr::new(2, 0, 0, 0, 0, 1), Ipv4Addr::new(192, 0, 2, 100), Ipv4Addr::new(192, 0, 2, 200));
+        let f = who_has(MacAddr::new(2, 0, 0, 0, 0, 1), Ipv4Addr::new(192, 0, 2, 100), Ipv4Addr::new(192, 0, 2, 200));
         let eth = EthernetPacket::new(&f).unwrap();
         assert_eq!(eth.get_destination(), MacAddr::broadcast());
         let arp = ArpPacket::new(eth.payload()).unwrap();
@@ -156,7 +141,7 @@ mod tests {
     fn replies_are_told_apart_from_gratuitous_ones() {
         let mac = MacAddr::new(2, 0, 0, 0, 0, 2);
         let ip = Ipv4Addr::new(192, 0, 2, 200);
-        let mut f = request(mac, ip, ip);
+        let mut f = who_has(mac, ip, ip);
         {
             let mut eth = MutableEthernetPacket::new(&mut f).unwrap();
             let mut arp = MutableArpPacket::new(eth.payload_mut()).unwrap();
