@@ -21,13 +21,10 @@ use std::time::Duration;
 
 use ferrolb_api::{IPAddressPool, L2Advertisement};
 use ferrolb_config::{ClassPolicy, PoolInput, build_advertisements, build_pools};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher::{self, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, ResourceExt};
 use tokio::sync::Notify;
 
 use crate::election::{self, Announcement};
@@ -36,6 +33,7 @@ use crate::l2::responder::{ANNOUNCE_SCHEDULE, Announced, EventSink, Responder, u
 use crate::membership;
 use crate::metrics::{AnnouncedLabel, Metrics};
 use crate::status;
+use crate::watch::{Cluster, watch};
 
 /// How the speaker runs (from flags).
 #[derive(Clone, Debug)]
@@ -62,35 +60,15 @@ struct Caches {
     changed: Arc<Notify>,
 }
 
-fn watch<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
-    tokio::spawn(async move {
-        let kind = K::kind(&K::DynamicType::default()).to_string();
-        let mut stream = pin!(stream);
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(_) => changed.notify_one(),
-                Err(e) => tracing::warn!(%kind, error = %e, "watch"),
-            }
-        }
-    });
-    reader
-}
-
 impl Caches {
-    fn start(client: &Client, s: &Settings) -> Self {
-        let changed = Arc::new(Notify::new());
+    fn start(client: &Client, s: &Settings, cluster: &Cluster) -> Self {
+        let changed = cluster.announcer.clone();
         Caches {
-            nodes: watch(Api::<Node>::all(client.clone()), changed.clone()),
-            services: watch(Api::<Service>::all(client.clone()), changed.clone()),
-            slices: watch(Api::<EndpointSlice>::all(client.clone()), changed.clone()),
-            pools: watch(Api::<IPAddressPool>::namespaced(client.clone(), &s.namespace), changed.clone()),
-            ads: watch(Api::<L2Advertisement>::namespaced(client.clone(), &s.namespace), changed.clone()),
+            nodes: cluster.nodes.clone(),
+            services: cluster.services.clone(),
+            slices: cluster.slices.clone(),
+            pools: watch(Api::<IPAddressPool>::namespaced(client.clone(), &s.namespace), vec![changed.clone()]),
+            ads: watch(Api::<L2Advertisement>::namespaced(client.clone(), &s.namespace), vec![changed.clone()]),
             changed,
         }
     }
@@ -153,13 +131,14 @@ fn interfaces_for(a: &Announcement, usable: &[pnet_datalink::NetworkInterface]) 
 /// Runs until `shutdown`; then leaves the membership first, so peers take over at once.
 pub async fn run(
     client: Client,
+    cluster: &Cluster,
     s: Settings,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let sink_metrics = metrics.clone();
     let events: EventSink = Arc::new(move |e| sink_metrics.l2(e));
-    let caches = Caches::start(&client, &s);
+    let caches = Caches::start(&client, &s, cluster);
     let members = membership::start(membership::Settings {
         identity: membership::Member {
             node: s.node.clone(),

@@ -23,3 +23,4 @@ pub mod l2;
 pub mod membership;
 pub mod metrics;
 pub mod status;
+pub mod watch;

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferrolb_speaker::l2::responder::{ANNOUNCE_SCHEDULE, Announced, L2Event, Responder, usable_interfaces};
 
 #[derive(Parser)]
@@ -25,39 +25,59 @@ struct Cli {
     command: Command,
 }
 
+/// `ferrolb-speaker run`'s flags.
+#[derive(Args)]
+struct RunArgs {
+    /// This node's name.
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// This node's address, where the membership listens (usually status.hostIP).
+    #[arg(long, env = "NODE_IP")]
+    node_ip: std::net::IpAddr,
+    /// Namespace of the IPAddressPools and L2Advertisements.
+    #[arg(long, env = "FERROLB_NAMESPACE", default_value = "ferrolb-system")]
+    namespace: String,
+    /// UDP port of the speakers' membership.
+    #[arg(long, env = "FERROLB_MEMBERSHIP_PORT", default_value_t = 7946)]
+    membership_port: u16,
+    /// Secret (in --namespace) whose key `secretkey` holds the membership's shared secret:
+    /// only speakers that know it join.
+    #[arg(long, env = "FERROLB_MEMBERSHIP_SECRET", conflicts_with = "secret_file")]
+    membership_secret: Option<String>,
+    /// File holding the membership's shared secret (a mounted Secret, say), instead.
+    #[arg(long, env = "FERROLB_MEMBERSHIP_SECRET_FILE")]
+    secret_file: Option<std::path::PathBuf>,
+    /// The load balancer class served.
+    #[arg(long, env = "FERROLB_LB_CLASS", default_value = ferrolb_api::annotations::DEFAULT_LOAD_BALANCER_CLASS)]
+    lb_class: String,
+    /// Serve only Services whose spec.loadBalancerClass names our class.
+    #[arg(long, env = "FERROLB_REQUIRE_LB_CLASS", default_value_t = false)]
+    require_lb_class: bool,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "FERROLB_METRICS_ADDR", default_value = "0.0.0.0:7472")]
+    metrics_addr: std::net::SocketAddr,
+    /// Data plane: `full` (ClusterIP, NodePort, externalIPs and LoadBalancer; no kube-proxy
+    /// needed), `lb-only` (LoadBalancer addresses only, beside kube-proxy) or `off`.
+    #[arg(long, env = "FERROLB_DATAPLANE", value_enum, default_value = "full")]
+    dataplane: Dataplane,
+    /// Addresses NodePorts and health check node ports are served on (default: the Node's
+    /// InternalIPs). Loopback addresses are never used.
+    #[arg(long = "nodeport-address", env = "FERROLB_NODEPORT_ADDRESSES", value_delimiter = ',')]
+    nodeport_addresses: Vec<IpAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Dataplane {
+    Full,
+    LbOnly,
+    Off,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run in a cluster: membership, election, and ARP/NDP for the addresses this node wins.
-    Run {
-        /// This node's name.
-        #[arg(long, env = "NODE_NAME")]
-        node: String,
-        /// This node's address, where the membership listens (usually status.hostIP).
-        #[arg(long, env = "NODE_IP")]
-        node_ip: std::net::IpAddr,
-        /// Namespace of the IPAddressPools and L2Advertisements.
-        #[arg(long, env = "FERROLB_NAMESPACE", default_value = "ferrolb-system")]
-        namespace: String,
-        /// UDP port of the speakers' membership.
-        #[arg(long, env = "FERROLB_MEMBERSHIP_PORT", default_value_t = 7946)]
-        membership_port: u16,
-        /// Secret (in --namespace) whose key `secretkey` holds the membership's shared secret:
-        /// only speakers that know it join.
-        #[arg(long, env = "FERROLB_MEMBERSHIP_SECRET", conflicts_with = "secret_file")]
-        membership_secret: Option<String>,
-        /// File holding the membership's shared secret (a mounted Secret, say), instead.
-        #[arg(long, env = "FERROLB_MEMBERSHIP_SECRET_FILE")]
-        secret_file: Option<std::path::PathBuf>,
-        /// The load balancer class served.
-        #[arg(long, env = "FERROLB_LB_CLASS", default_value = ferrolb_api::annotations::DEFAULT_LOAD_BALANCER_CLASS)]
-        lb_class: String,
-        /// Serve only Services whose spec.loadBalancerClass names our class.
-        #[arg(long, env = "FERROLB_REQUIRE_LB_CLASS", default_value_t = false)]
-        require_lb_class: bool,
-        /// Address of /metrics, /healthz and /readyz.
-        #[arg(long, env = "FERROLB_METRICS_ADDR", default_value = "0.0.0.0:7472")]
-        metrics_addr: std::net::SocketAddr,
-    },
+    /// Run in a cluster: membership, election, ARP/NDP for the addresses this node wins, and
+    /// the nftables data plane.
+    Run(Box<RunArgs>),
     /// Answer ARP and NDP for fixed addresses until SIGTERM, after announcing them.
     Respond {
         /// An address to announce (repeat for more).
@@ -109,6 +129,75 @@ async fn respond(ips: Vec<IpAddr>, only: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// The cluster mode: the announcer and the data plane over one set of watches, until SIGTERM.
+async fn run(a: RunArgs) -> Result<()> {
+    use ferrolb_speaker::dataplane::{self, DataplaneSettings, metrics::DataplaneMetrics, model, source};
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let secret = match (&a.secret_file, &a.membership_secret) {
+        (Some(p), _) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+        (None, Some(name)) => Some(read_secret(&client, &a.namespace, name).await?),
+        (None, None) => None,
+    };
+    let settings = ferrolb_speaker::announcer::Settings {
+        node: a.node.clone(),
+        class: ferrolb_config::ClassPolicy { class: a.lb_class, require: a.require_lb_class },
+        namespace: a.namespace,
+        membership_port: a.membership_port,
+        node_ip: a.node_ip,
+        secret,
+    };
+    let families = vec![model::Family::V4, model::Family::V6];
+    let dp_metrics = Arc::new(DataplaneMetrics::default());
+    let mut metrics = ferrolb_speaker::metrics::Metrics::default();
+    if a.dataplane != Dataplane::Off {
+        metrics.add_dataplane(dp_metrics.clone());
+    }
+    let metrics = Arc::new(metrics);
+
+    // One SIGTERM stops both parts.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        ferrolb_telemetry::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let server = tokio::spawn(ferrolb_telemetry::serve(a.metrics_addr, metrics.clone(), std::future::pending()));
+    let cluster = ferrolb_speaker::watch::Cluster::start(&client);
+    let mode = match a.dataplane {
+        Dataplane::Full => Some(model::Mode::Full),
+        Dataplane::LbOnly => Some(model::Mode::LbOnly),
+        Dataplane::Off => None,
+    };
+    let dp = async {
+        let Some(mode) = mode else {
+            // Switched off: take away what an earlier run programmed.
+            let mut runner = dataplane::runner::Runner::new(Default::default());
+            for f in &families {
+                if let Err(e) = runner.delete(*f).await {
+                    tracing::warn!(error = %e, "removing the data plane's table");
+                }
+            }
+            return Ok(());
+        };
+        let source = source::SourceSettings {
+            node: a.node.clone(),
+            mode,
+            node_ips: a.nodeport_addresses.clone(),
+            pod_cidrs: Vec::new(),
+        };
+        let mut s = DataplaneSettings::new(source, families.clone());
+        s.health_check_addresses = a.nodeport_addresses.clone();
+        dataplane::run(&cluster, s, dp_metrics, stopped(stop_rx.clone())).await
+    };
+    let announcer = ferrolb_speaker::announcer::run(client, &cluster, settings, metrics, stopped(stop_rx.clone()));
+    let (r_announcer, r_dp) = tokio::join!(announcer, dp);
+    server.abort();
+    r_announcer.and(r_dp)
+}
+
 /// The key of the membership Secret that holds the shared secret (as MetalLB's memberlist).
 const SECRET_KEY: &str = "secretkey";
 
@@ -129,37 +218,6 @@ async fn main() -> Result<()> {
     ferrolb_telemetry::init_logs(&cli.log_format, &cli.log_level).context("--log-level")?;
     match cli.command {
         Command::Respond { ips, interfaces } => respond(ips, interfaces).await,
-        Command::Run {
-            node,
-            node_ip,
-            namespace,
-            membership_port,
-            membership_secret,
-            secret_file,
-            lb_class,
-            require_lb_class,
-            metrics_addr,
-        } => {
-            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
-            let secret = match (secret_file, membership_secret) {
-                (Some(p), _) => Some(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?),
-                (None, Some(name)) => Some(read_secret(&client, &namespace, &name).await?),
-                (None, None) => None,
-            };
-            let settings = ferrolb_speaker::announcer::Settings {
-                node,
-                class: ferrolb_config::ClassPolicy { class: lb_class, require: require_lb_class },
-                namespace,
-                membership_port,
-                node_ip,
-                secret,
-            };
-            let metrics = Arc::new(ferrolb_speaker::metrics::Metrics::default());
-            let server = tokio::spawn(ferrolb_telemetry::serve(metrics_addr, metrics.clone(), std::future::pending()));
-            let r =
-                ferrolb_speaker::announcer::run(client, settings, metrics, ferrolb_telemetry::shutdown_signal()).await;
-            server.abort();
-            r
-        }
+        Command::Run(args) => run(*args).await,
     }
 }

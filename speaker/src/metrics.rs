@@ -1,6 +1,8 @@
 //! The speaker's metrics (`/metrics`) and health (`/healthz`, `/readyz`).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -9,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::dataplane::metrics::DataplaneMetrics;
 use crate::l2::responder::L2Event;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,6 +37,8 @@ pub struct Metrics {
     pub takeover: Histogram,
     /// The caches have synced and the membership runs.
     pub ready: AtomicBool,
+    /// The data plane's health, when it runs.
+    dataplane: Option<Arc<DataplaneMetrics>>,
 }
 
 impl Default for Metrics {
@@ -53,11 +58,26 @@ impl Default for Metrics {
             "From the change to the first gratuitous packet",
             takeover.clone(),
         );
-        Metrics { registry, requests, responses, gratuitous, announced, takeover, ready: AtomicBool::new(false) }
+        Metrics {
+            registry,
+            requests,
+            responses,
+            gratuitous,
+            announced,
+            takeover,
+            ready: AtomicBool::new(false),
+            dataplane: None,
+        }
     }
 }
 
 impl Metrics {
+    /// Adds the data plane's metrics, and its health to `/healthz` and `/livez`.
+    pub fn add_dataplane(&mut self, dp: Arc<DataplaneMetrics>) {
+        dp.register(&mut self.registry);
+        self.dataplane = Some(dp);
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -82,5 +102,9 @@ impl ferrolb_telemetry::Telemetry for Metrics {
 
     fn ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    fn healthy(&self) -> bool {
+        self.dataplane.as_ref().is_none_or(|d| d.healthy(Instant::now()))
     }
 }

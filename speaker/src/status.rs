@@ -19,13 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrolb_api::{InterfaceInfo, ServiceL2Status, ServiceL2StatusStatus};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::watcher::{self, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
@@ -115,18 +112,7 @@ pub async fn run(
 ) {
     let api: Api<ServiceL2Status> = Api::namespaced(client.clone(), &namespace);
     let changed = Arc::new(Notify::new());
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api.clone(), watcher::Config::default()).default_backoff());
-    let notify = changed.clone();
-    let watch_task = tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(_) => notify.notify_one(),
-                Err(e) => tracing::warn!(error = %e, "watching ServiceL2Statuses"),
-            }
-        }
-    });
+    let store = crate::watch::watch(api.clone(), vec![changed.clone()]);
     let recorder = Recorder::new(client, Reporter { controller: MANAGER.into(), instance: Some(node.clone()) });
     let mut views = views;
     let mut emitted = BTreeSet::new();
@@ -152,7 +138,6 @@ pub async fn run(
             _ = tokio::time::sleep(Duration::from_secs(2)), if retry => {}
         }
     }
-    watch_task.abort();
 }
 
 async fn apply(

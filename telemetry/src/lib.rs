@@ -12,21 +12,30 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
-/// What a binary exposes: its metrics in the Prometheus text format, and whether it is ready.
+/// What a binary exposes: its metrics in the Prometheus text format, whether it is ready, and
+/// whether it is healthy (a part stuck, as kube-proxy's `/healthz` tells when its rules are
+/// stale, is not).
 pub trait Telemetry: Send + Sync + 'static {
     fn encode(&self) -> String;
     fn ready(&self) -> bool;
+    fn healthy(&self) -> bool {
+        true
+    }
 }
 
 async fn metrics<T: Telemetry>(State(t): State<Arc<T>>) -> (StatusCode, [(&'static str, &'static str); 1], String) {
     (StatusCode::OK, [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], t.encode())
 }
 
+async fn healthz<T: Telemetry>(State(t): State<Arc<T>>) -> (StatusCode, &'static str) {
+    if t.healthy() { (StatusCode::OK, "ok\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n") }
+}
+
 async fn readyz<T: Telemetry>(State(t): State<Arc<T>>) -> (StatusCode, &'static str) {
     if t.ready() { (StatusCode::OK, "ok\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` resolves.
+/// Serves `/metrics`, `/healthz` and `/livez` (both 503 when not healthy) and `/readyz` on `addr` until `shutdown` resolves.
 pub async fn serve<T: Telemetry>(
     addr: SocketAddr,
     t: Arc<T>,
@@ -34,7 +43,8 @@ pub async fn serve<T: Telemetry>(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics::<T>))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz::<T>))
+        .route("/livez", get(healthz::<T>))
         .route("/readyz", get(readyz::<T>))
         .with_state(t);
     let listener = tokio::net::TcpListener::bind(addr).await?;

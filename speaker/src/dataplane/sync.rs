@@ -17,14 +17,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher::{self, watcher};
-use kube::{Api, Client, Resource};
-use tokio::sync::Notify;
 
 use super::conntrack;
 use super::healthcheck::{self, HealthServers};
@@ -32,6 +25,7 @@ use super::metrics::{DataplaneMetrics, FailureLabel, FamilyLabel, SyncLabel};
 use super::model::{Family, Model};
 use super::runner::{NftCommand, Runner};
 use super::source::{SourceSettings, build_model};
+use crate::watch::Cluster;
 
 /// The annotation kube-proxy measures network programming latency from.
 pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -70,41 +64,19 @@ impl DataplaneSettings {
     }
 }
 
-fn watch<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
-    tokio::spawn(async move {
-        let kind = K::kind(&K::DynamicType::default()).to_string();
-        let mut stream = pin!(stream);
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(_) => changed.notify_one(),
-                Err(e) => tracing::warn!(%kind, error = %e, "dataplane watch"),
-            }
-        }
-    });
-    reader
-}
-
 /// Runs the data plane until `shutdown` completes.
 pub async fn run(
-    client: Client,
+    cluster: &Cluster,
     settings: DataplaneSettings,
     metrics: Arc<DataplaneMetrics>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let changed = Arc::new(Notify::new());
-    let services = watch(Api::<Service>::all(client.clone()), changed.clone());
-    let slices = watch(Api::<EndpointSlice>::all(client.clone()), changed.clone());
-    let nodes = watch(Api::<Node>::all(client), changed.clone());
+    let (services, slices, nodes) = (&cluster.services, &cluster.slices, &cluster.nodes);
+    let changed = cluster.dataplane.clone();
     let mut shutdown = pin!(shutdown);
     tokio::select! {
         _ = &mut shutdown => return Ok(()),
-        r = async { services.wait_until_ready().await?; slices.wait_until_ready().await?; nodes.wait_until_ready().await } => r?,
+        r = cluster.ready() => r?,
     }
 
     let m = metrics.clone();
