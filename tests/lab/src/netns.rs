@@ -131,8 +131,17 @@ pub fn ensure_host(plan: &Plan, host: &Host) -> Result<()> {
 }
 
 /// Routes to every node's pod CIDRs via that node's LAN address, in every host and in the
-/// control-plane namespace (a node needs none to its own pods).
+/// control-plane namespace (a node needs none to its own pods). Nodes also get an on-link route
+/// for the service CIDRs: a real node's default route does that job, and without one a node's
+/// own connections to a cluster IP fail their first route lookup before the data plane's
+/// output hook can translate them.
 pub fn ensure_routes(plan: &Plan) -> Result<()> {
+    for node in plan.nodes() {
+        ip_in(&node.name, &["route", "replace", &plan::SERVICE_CIDR_V4.to_string(), "dev", "eth0"])?;
+        if node.ipv6.is_some() {
+            ip_in(&node.name, &["-6", "route", "replace", &plan::SERVICE_CIDR_V6.to_string(), "dev", "eth0"])?;
+        }
+    }
     let hosts = plan.hosts();
     let mut places: Vec<Option<&Host>> = hosts.iter().map(Some).collect();
     places.push(None); // the control plane

@@ -683,6 +683,9 @@ fn setup_pod_network(ctx: &Ctx, ns: &str, short: &str, ips: &[IpAddr]) -> Result
     ip(&["netns", "add", ns])?;
     ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
     ip(&["link", "set", &veth, "master", POD_BRIDGE, "up"])?;
+    // As kubelet's hairpin-veth mode: with bridge netfilter on, a pod's packet to its own
+    // service is translated back to the pod at the bridge and must leave by the port it came in.
+    ip(&["link", "set", &veth, "type", "bridge_slave", "hairpin", "on"])?;
     ip_in(ns, &["link", "set", "lo", "up"])?;
     let cidrs = ctx.host.pod_cidrs(ctx.plan.family);
     for (addr, cidr) in ips.iter().zip(&cidrs) {
