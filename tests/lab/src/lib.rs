@@ -22,6 +22,7 @@ pub mod cmd;
 pub mod control_plane;
 pub mod hostname;
 pub mod lifecycle;
+pub mod load;
 pub mod netns;
 pub mod paths;
 pub mod pki;

@@ -69,6 +69,20 @@ enum Command {
     /// how the lab's tests see that a ferrolb image's pod gets its ServiceAccount's token.
     #[command(hide = true)]
     Whoami,
+    /// Send HTTP GETs at a steady rate, each on a new connection, and print a JSON report:
+    /// requests, failed, max_gap_ms, answers per pod. Run it on a host:
+    /// ferrolb-lab exec client -- ferrolb-lab load http://192.0.2.200/
+    Load {
+        url: String,
+        /// Requests per second.
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// A request not answered within this many milliseconds fails.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
     /// Broadcast ARP who-has for IP at a steady rate and print each reply (time, MAC, µs):
     /// the client's view of a failover, for the speaker benchmark.
     #[command(hide = true)]
@@ -144,6 +158,19 @@ async fn run(cli: Cli) -> Result<()> {
             init_tracing(&cli.log_format);
             tracing::info!(%node, "starting node agent");
             agent::run(paths, index, bin_dir).await
+        }
+        Command::Load { url, rate, seconds, timeout_ms } => {
+            let (target, path) = ferrolb_lab::load::target(&url)?;
+            let load = ferrolb_lab::load::Load {
+                target,
+                path,
+                rate,
+                duration: std::time::Duration::from_secs_f64(seconds.max(0.0)),
+                timeout: std::time::Duration::from_millis(timeout_ms),
+            };
+            let report = ferrolb_lab::load::run(&load).await;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
         }
         Command::ArpProbe { ip, interface, interval_us, count, seconds } => {
             ferrolb_lab::arp_probe::run(ferrolb_lab::arp_probe::Probe {
