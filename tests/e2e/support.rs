@@ -322,26 +322,32 @@ impl Speaker {
     /// Starts the speaker of node-`index`.
     pub fn start(index: u8) -> Result<Self> {
         let node = format!("node-{index}");
-        let proc = Self::spawn(&node, index)?;
+        let proc = Self::spawn(&node, index, &[])?;
         Ok(Speaker { node, proc })
     }
 
-    fn spawn(node: &str, index: u8) -> Result<Proc> {
+    fn spawn(node: &str, index: u8, extra: &[&str]) -> Result<Proc> {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{node}"))
             .arg("--")
             .arg(lab_bin()?.with_file_name("ferrolb-speaker"))
             .args(["run", &format!("--node={node}"), &format!("--node-ip=192.0.2.{}", 10 + index)])
             .arg(format!("--membership-secret={MEMBERSHIP_SECRET}"))
+            .args(extra)
             .env("KUBECONFIG", "/run/ferrolb-lab/pki/admin.kubeconfig");
         Proc::spawn(cmd, &format!("speaker-{node}"))
     }
 
     /// Starts it again (a running one is killed first).
     pub fn restart(&mut self) -> Result<()> {
+        self.restart_with(&[])
+    }
+
+    /// Starts it again with more flags (a running one is killed first).
+    pub fn restart_with(&mut self, extra: &[&str]) -> Result<()> {
         self.proc.kill();
         let index: u8 = self.node.trim_start_matches("node-").parse()?;
-        self.proc = Self::spawn(&self.node, index)?;
+        self.proc = Self::spawn(&self.node, index, extra)?;
         Ok(())
     }
 
