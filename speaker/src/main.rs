@@ -64,6 +64,12 @@ struct RunArgs {
     /// InternalIPs). Loopback addresses are never used.
     #[arg(long = "nodeport-address", env = "FERROLB_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<IpAddr>,
+    /// The speakers' DaemonSet (in --namespace). When it is gone or being deleted at
+    /// shutdown, ferrolb is being uninstalled: the speaker then removes its nftables tables
+    /// and its ServiceL2Statuses. Otherwise (a restart, an upgrade) the tables stay, so
+    /// forwarding has no gap.
+    #[arg(long, env = "FERROLB_DAEMONSET")]
+    daemonset: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -192,10 +198,42 @@ async fn run(a: RunArgs) -> Result<()> {
         s.health_check_addresses = a.nodeport_addresses.clone();
         dataplane::run(&cluster, s, dp_metrics, stopped(stop_rx.clone())).await
     };
-    let announcer = ferrolb_speaker::announcer::run(client, &cluster, settings, metrics, stopped(stop_rx.clone()));
+    let namespace = settings.namespace.clone();
+    let announcer =
+        ferrolb_speaker::announcer::run(client.clone(), &cluster, settings, metrics, stopped(stop_rx.clone()));
     let (r_announcer, r_dp) = tokio::join!(announcer, dp);
+    if let Some(ds) = &a.daemonset
+        && uninstalling(&client, &namespace, ds).await
+    {
+        tracing::info!(daemonset = %ds, "ferrolb is being uninstalled: removing this node's tables and statuses");
+        let mut runner = dataplane::runner::Runner::new(Default::default());
+        for f in &families {
+            if let Err(e) = runner.delete(*f).await {
+                tracing::warn!(error = %e, "removing the data plane's table");
+            }
+        }
+        match ferrolb_speaker::status::delete_own(client, &namespace, &a.node).await {
+            Ok(n) => tracing::info!(deleted = n, "ServiceL2Statuses of this node removed"),
+            Err(e) => tracing::warn!(error = %e, "removing this node's ServiceL2Statuses"),
+        }
+    }
     server.abort();
     r_announcer.and(r_dp)
+}
+
+/// Whether the speakers' DaemonSet is gone or being deleted. Unknown (the API server does not
+/// answer in time) counts as no: keeping the rules is the safe side.
+async fn uninstalling(client: &kube::Client, namespace: &str, name: &str) -> bool {
+    let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> = kube::Api::namespaced(client.clone(), namespace);
+    match tokio::time::timeout(std::time::Duration::from_secs(3), api.get_opt(name)).await {
+        Ok(Ok(None)) => true,
+        Ok(Ok(Some(ds))) => ds.metadata.deletion_timestamp.is_some(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "reading the speakers' DaemonSet at shutdown; keeping the rules");
+            false
+        }
+        Err(_) => false,
+    }
 }
 
 /// The key of the membership Secret that holds the shared secret (as MetalLB's memberlist).

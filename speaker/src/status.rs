@@ -140,6 +140,35 @@ pub async fn run(
     }
 }
 
+/// Deletes every object that names `node`: the speaker is being uninstalled, and nothing of
+/// ferrolb may stay behind. An object another announcer rewrote meanwhile is left to it.
+pub async fn delete_own(client: Client, namespace: &str, node: &str) -> Result<usize, kube::Error> {
+    let api: Api<ServiceL2Status> = Api::namespaced(client, namespace);
+    let own = api.list(&kube::api::ListParams::default().labels(&format!("{NODE_LABEL}={node}"))).await?;
+    let mut deleted = 0;
+    for o in own.items.iter().filter(|o| o.status.as_ref().is_some_and(|s| s.node == node)) {
+        if delete_unchanged(&api, &o.name_any(), o.resource_version()).await? {
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}
+
+/// Deletes the object if it is still at `resource_version`; `false` when it is gone already or
+/// was rewritten (by a new announcer): then there is nothing of ours to delete.
+async fn delete_unchanged(
+    api: &Api<ServiceL2Status>,
+    name: &str,
+    resource_version: Option<String>,
+) -> Result<bool, kube::Error> {
+    let dp = DeleteParams { preconditions: Some(Preconditions { resource_version, uid: None }), ..Default::default() };
+    match api.delete(name, &dp).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 async fn apply(
     api: &Api<ServiceL2Status>,
     recorder: &Recorder,
@@ -188,15 +217,8 @@ async fn apply(
             }
         }
         Op::Delete { name, resource_version } => {
-            let dp = DeleteParams {
-                preconditions: Some(Preconditions { resource_version, uid: None }),
-                ..Default::default()
-            };
-            match api.delete(&name, &dp).await {
-                Ok(_) => tracing::info!(object = %name, "ServiceL2Status deleted"),
-                // Gone already, or rewritten by the new announcer: nothing of ours to delete.
-                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-                Err(e) => return Err(e),
+            if delete_unchanged(api, &name, resource_version).await? {
+                tracing::info!(object = %name, "ServiceL2Status deleted");
             }
         }
     }
