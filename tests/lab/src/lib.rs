@@ -20,6 +20,7 @@ pub mod arp_probe;
 pub mod bins;
 pub mod cmd;
 pub mod control_plane;
+pub mod drill;
 pub mod hostname;
 pub mod lifecycle;
 pub mod load;

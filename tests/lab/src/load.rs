@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What to send.
 #[derive(Clone, Debug)]
@@ -33,7 +33,7 @@ pub struct Load {
 }
 
 /// What happened.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Report {
     pub requests: u64,
     pub failed: u64,

@@ -69,6 +69,35 @@ enum Command {
     /// how the lab's tests see that a ferrolb image's pod gets its ServiceAccount's token.
     #[command(hide = true)]
     Whoami,
+    /// Rehearse a failure while the client sends 100 req/s to a LoadBalancer service:
+    /// `drill cordon node-2`, `drill crash --announcer hostname-svc-lb`, then
+    /// `drill uncordon node-2`, `drill restore node-2`.
+    Drill {
+        action: ferrolb_lab::drill::Action,
+        /// The node (or give --announcer).
+        node: Option<String>,
+        /// Act on the node that announces this service (namespace/name or name in default);
+        /// it is also the service loaded.
+        #[arg(long)]
+        announcer: Option<String>,
+        /// The service loaded when a NODE is named.
+        #[arg(long, default_value = "default/hostname-svc-lb")]
+        service: String,
+        /// Load the service's IPv6 EXTERNAL-IP.
+        #[arg(long)]
+        ipv6: bool,
+        /// ferrolb's namespace (where the ServiceL2Statuses are).
+        #[arg(long, default_value = "ferrolb-system")]
+        ferrolb_namespace: String,
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// Seconds of load after the action (2 s run before it).
+        #[arg(long, default_value_t = 8.0)]
+        seconds: f64,
+        /// Print one JSON object: announcer_before, announcer_after, requests, failed, max_gap_ms, …
+        #[arg(long)]
+        json: bool,
+    },
     /// Send HTTP GETs at a steady rate, each on a new connection, and print a JSON report:
     /// requests, failed, max_gap_ms, answers per pod. Run it on a host:
     /// ferrolb-lab exec client -- ferrolb-lab load http://192.0.2.200/
@@ -158,6 +187,26 @@ async fn run(cli: Cli) -> Result<()> {
             init_tracing(&cli.log_format);
             tracing::info!(%node, "starting node agent");
             agent::run(paths, index, bin_dir).await
+        }
+        Command::Drill { action, node, announcer, service, ipv6, ferrolb_namespace, rate, seconds, json } => {
+            let drill = ferrolb_lab::drill::Drill {
+                action,
+                node,
+                announcer: announcer.is_some(),
+                service: announcer.unwrap_or(service),
+                ipv6,
+                ferrolb_namespace,
+                rate,
+                before: std::time::Duration::from_secs(2),
+                after: std::time::Duration::from_secs_f64(seconds.max(0.0)),
+            };
+            let outcome = ferrolb_lab::drill::run(&paths, &drill).await?;
+            if json {
+                println!("{}", serde_json::to_string(&outcome)?);
+            } else {
+                println!("{}", ferrolb_lab::drill::describe(&outcome));
+            }
+            Ok(())
         }
         Command::Load { url, rate, seconds, timeout_ms } => {
             let (target, path) = ferrolb_lab::load::target(&url)?;
