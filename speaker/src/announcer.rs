@@ -27,6 +27,9 @@ use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Notify;
 
+use crate::dataplane::handover::{self, Handover};
+use crate::dataplane::model::Family;
+use crate::dataplane::runner::NftCommand;
 use crate::election::{self, Announcement};
 use crate::facts;
 use crate::l2::responder::{ANNOUNCE_SCHEDULE, Announced, EventSink, Responder, usable_interfaces};
@@ -48,6 +51,9 @@ pub struct Settings {
     /// Address of this node the membership binds to.
     pub node_ip: IpAddr,
     pub secret: Option<Vec<u8>>,
+    /// With a data plane: where this node's handovers go (see `dataplane::handover`); they
+    /// are applied here, before the gratuitous packets that move the clients.
+    pub handovers: Option<Arc<tokio::sync::watch::Sender<Vec<Handover>>>>,
 }
 
 #[derive(Clone)]
@@ -117,6 +123,50 @@ impl Caches {
     }
 }
 
+impl Caches {
+    /// The first InternalIP of `node` in the family of `like`.
+    fn node_ip(&self, node: &str, like: IpAddr) -> Option<IpAddr> {
+        let n = self.nodes.state().into_iter().find(|n| n.metadata.name.as_deref() == Some(node))?;
+        let addrs = n.status.as_ref()?.addresses.clone()?;
+        addrs
+            .iter()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse::<IpAddr>().ok())
+            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+    }
+}
+
+/// The handovers after this pass: addresses newly ours (not in `before`) get one to the node
+/// that holds them when we are left out, if it is alive (the node we took them from); the
+/// others stay while the address is ours and that node lives.
+fn handovers(
+    caches: &Caches,
+    s: &Settings,
+    alive: &BTreeSet<String>,
+    now_mine: &BTreeMap<IpAddr, Vec<String>>,
+    before: &BTreeMap<IpAddr, Vec<String>>,
+    kept: &mut BTreeMap<IpAddr, (String, Handover)>,
+) {
+    kept.retain(|ip, (prev, _)| now_mine.contains_key(ip) && alive.contains(prev));
+    let newly: Vec<(&IpAddr, &Vec<String>)> = now_mine.iter().filter(|(ip, _)| !before.contains_key(*ip)).collect();
+    if newly.is_empty() {
+        return;
+    }
+    let mut others = alive.clone();
+    others.remove(&s.node);
+    let without_me = caches.elect(s, &others);
+    for (ip, ifaces) in newly {
+        let Some(prev) = without_me.get(ip).map(|a| a.node.clone()) else { continue };
+        if prev == s.node || !alive.contains(&prev) {
+            continue;
+        }
+        if let (Some(previous), Some(interface)) = (caches.node_ip(&prev, *ip), ifaces.first()) {
+            tracing::info!(ip = %ip, from = %prev, "connections in flight go on to the previous announcer");
+            kept.insert(*ip, (prev, Handover { ip: *ip, previous, interface: interface.clone() }));
+        }
+    }
+}
+
 /// Which of this node's interfaces answer for `a`: those the advertisements name, else those
 /// whose subnet holds the address, else every usable one.
 fn interfaces_for(a: &Announcement, usable: &[pnet_datalink::NetworkInterface]) -> Vec<String> {
@@ -181,13 +231,15 @@ pub async fn run(
     let mut alive_rx = members.alive.clone();
     let mut shutdown = pin!(shutdown);
     let mut mine: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+    let mut handed: BTreeMap<IpAddr, (String, Handover)> = BTreeMap::new();
+    let nft = NftCommand::default();
     // When the change that this pass reacts to was seen; `None` on the first pass, whose
     // addresses are not a takeover.
     let mut woke: Option<std::time::Instant> = None;
     loop {
         let alive = alive_rx.borrow_and_update().clone();
         let all = caches.elect(&s, &alive);
-        let mut view = status::View { alive, ..Default::default() };
+        let mut view = status::View { alive: alive.clone(), ..Default::default() };
         let usable = usable_interfaces();
         let mut won: BTreeMap<IpAddr, Announcement> = BTreeMap::new();
         let mut per_iface: BTreeMap<String, Announced> = BTreeMap::new();
@@ -223,6 +275,20 @@ pub async fn run(
                     let label = AnnouncedLabel { service: svc.clone(), node: s.node.clone(), ip: a.ip.to_string() };
                     metrics.announced.get_or_create(&label).set(1);
                 }
+            }
+        }
+        // Connections in flight through the node we take over from go on to it; in place
+        // before the gratuitous packets move the clients.
+        if let Some(tx) = &s.handovers {
+            handovers(&caches, &s, &alive, &now_mine, &mine, &mut handed);
+            let list: Vec<Handover> = handed.values().map(|(_, h)| h.clone()).collect();
+            if *tx.borrow() != list {
+                for f in [Family::V4, Family::V6] {
+                    if let Err(e) = nft.run(&handover::render(f, &list)).await {
+                        tracing::warn!(error = %e, "applying the handover chain");
+                    }
+                }
+                tx.send_replace(list);
             }
         }
         // Open what is needed, close what is not, and tell each responder its addresses. A

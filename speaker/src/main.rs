@@ -144,13 +144,14 @@ async fn run(a: RunArgs) -> Result<()> {
         (None, Some(name)) => Some(read_secret(&client, &a.namespace, name).await?),
         (None, None) => None,
     };
-    let settings = ferrolb_speaker::announcer::Settings {
+    let mut settings = ferrolb_speaker::announcer::Settings {
         node: a.node.clone(),
         class: ferrolb_config::ClassPolicy { class: a.lb_class, require: a.require_lb_class },
         namespace: a.namespace,
         membership_port: a.membership_port,
         node_ip: a.node_ip,
         secret,
+        handovers: None,
     };
     let families = vec![model::Family::V4, model::Family::V6];
     let dp_metrics = Arc::new(DataplaneMetrics::default());
@@ -170,6 +171,10 @@ async fn run(a: RunArgs) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    let (handover_tx, handover_rx) = tokio::sync::watch::channel(Vec::new());
+    if a.dataplane != Dataplane::Off {
+        settings.handovers = Some(Arc::new(handover_tx));
+    }
     let server = tokio::spawn(ferrolb_telemetry::serve(a.metrics_addr, metrics.clone(), std::future::pending()));
     let cluster = ferrolb_speaker::watch::Cluster::start(&client);
     let mode = match a.dataplane {
@@ -196,6 +201,7 @@ async fn run(a: RunArgs) -> Result<()> {
         };
         let mut s = DataplaneSettings::new(source, families.clone());
         s.health_check_addresses = a.nodeport_addresses.clone();
+        s.handovers = Some(handover_rx);
         dataplane::run(&cluster, s, dp_metrics, stopped(stop_rx.clone())).await
     };
     let namespace = settings.namespace.clone();

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod conntrack;
+pub mod handover;
 pub mod healthcheck;
 pub mod metrics;
 pub mod model;

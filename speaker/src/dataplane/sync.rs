@@ -20,10 +20,11 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::conntrack;
+use super::handover::{self, Handover};
 use super::healthcheck::{self, HealthServers};
 use super::metrics::{DataplaneMetrics, FailureLabel, FamilyLabel, SyncLabel};
 use super::model::{Family, Model};
-use super::runner::{NftCommand, Runner};
+use super::runner::{NftCommand, Runner, SyncKind};
 use super::source::{SourceSettings, build_model};
 use crate::watch::Cluster;
 
@@ -47,6 +48,9 @@ pub struct DataplaneSettings {
     pub debounce: Duration,
     /// Idle time after which stale chains are deleted.
     pub cleanup_after: Duration,
+    /// Addresses this node took over from a live node (kept by the announcer, which also applies
+    /// them before it announces): put back into the table after each full sync.
+    pub handovers: Option<tokio::sync::watch::Receiver<Vec<Handover>>>,
 }
 
 impl DataplaneSettings {
@@ -60,6 +64,7 @@ impl DataplaneSettings {
             health_check_addresses: Vec::new(),
             debounce: Duration::from_millis(5),
             cleanup_after: Duration::from_secs(2),
+            handovers: None,
         }
     }
 }
@@ -167,6 +172,13 @@ async fn apply(
             .filter(|s| s.external_local && s.ports.iter().all(|p| p.local_endpoints(family, &model.node).is_empty()))
             .count();
         let synced = runner.apply(model).await?;
+        if synced.kind == SyncKind::Full
+            && let Some(h) = &settings.handovers
+        {
+            // A full sync rebuilt the table without the handover chain.
+            let hs = h.borrow().clone();
+            settings.nft.run(&handover::render(family, &hs)).await?;
+        }
         if synced.ran {
             let label = SyncLabel { kind: synced.kind.as_str().into() };
             metrics.sync_duration.get_or_create(&label).observe(synced.took.as_secs_f64());
