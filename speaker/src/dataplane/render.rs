@@ -11,16 +11,22 @@
 //!     fib daddr local, daddr @node-ips, l4proto . dport vmap @service-nodeports ──> ext-H
 //!  ext-H:   Cluster: mark for masquerade, goto svc-H
 //!           Local:   pod / node-local sources goto svc-H; others goto local-H (or fall through)
-//!  svc-H, local-H:  affinity (saddr @aff-E goto ep-E), then a random pick ──> ep-E
-//!  ep-E:    hairpin mark, affinity update, dnat to endpoint
-//!  nat-postrouting ──> masquerading (packets carrying the mark)
+//!  svc-H, local-H:  affinity (saddr @aff-E: update @aff-E, dnat to E), then a random pick
+//!                   (numgen cascade, each rule: [update @aff-E], dnat to E)
+//!  nat-postrouting ──> masquerading: packets carrying the mark, and hairpin ones
+//!                   (ct status dnat, saddr . daddr @hairpin: a pod that reached itself)
 //!  filter hooks (ct state new):  firewall-check      daddr . l4proto . dport vmap @firewall-ips
 //!                                service-endpoints-check / nodeport-endpoints-check: reject or drop
 //!                                cluster-ips-check   reject unknown ports of cluster IPs
 //! ```
 //!
-//! `H` is the first 16 hex digits of `sha256("ns/name/port-name/proto")`, `E` the same over the
-//! endpoint too: names stay stable across syncs, so a partial sync can address them.
+//! `H` is the first 16 hex digits of `sha256("ns/name/port-name/proto")` (affinity sets: the same
+//! over the endpoint and timeout too): names stay stable across syncs, so a partial sync can
+//! address them.
+//!
+//! Chains are few on purpose, one or two per service port and none per endpoint: on every commit
+//! that adds a `dnat`, `goto` or `jump`, the kernel validates every chain reachable from each
+//! base chain, and before any deletion `nft` dumps every chain (see [`render_partial`]).
 //!
 //! A full sync deletes and recreates the table inside one transaction: atomic (packets see the
 //! old or the new ruleset, never none), idempotent, and it removes anything stale (chains of
@@ -52,6 +58,7 @@ const FIREWALL_IPS: &str = "firewall-ips";
 const CLUSTER_IPS: &str = "cluster-ips";
 const NODE_IPS: &str = "node-ips";
 const POD_CIDRS: &str = "pod-cidrs";
+const HAIRPIN: &str = "hairpin";
 
 const REJECT: &str = "goto reject-chain";
 const DROP: &str = "drop";
@@ -132,6 +139,9 @@ pub struct PartialSync {
     pub stale_chains: Vec<String>,
     /// Affinity sets no longer used (nothing refers to them after `now`).
     pub stale_sets: Vec<String>,
+    /// Hairpin elements (`ip . ip`) of addresses that are no longer endpoints. Harmless while they
+    /// stay: only a DNAT to that address can make a packet match one.
+    pub stale_hairpin: Vec<String>,
 }
 
 /// A transaction that turns the table rendered for `prev` into the one for `next`, touching only
@@ -147,11 +157,11 @@ pub struct PartialSync {
 /// Why this shape: `nft` reads the kernel's state into a cache before it runs commands, and
 /// what it reads depends on the commands. `add rule`, `add element` and every `delete` make it
 /// dump every chain of every table, which the kernel does in time quadratic in the number of
-/// chains (about 0.6 s at 10,000 services × 10 endpoints). `add chain` with a rule block,
-/// `flush chain`, and `add set`/`add map` with an `elements` block need the table list only;
-/// sets the rules refer to are declared again (an idempotent `add`) so that `nft` knows their
-/// types without reading them. So only element deletions (a service, a port or its last
-/// endpoint going away) pay for the dump, and chain and set deletions are deferred.
+/// chains. `add chain` with a rule block, `flush chain`, and `add set`/`add map` with an
+/// `elements` block need the table list only; sets the rules refer to are declared again (an
+/// idempotent `add`) so that `nft` knows their types without reading them. So only element
+/// deletions (a service, a port or its last endpoint going away) pay for the dump; chain and set
+/// deletions, and those of hairpin elements (harmless while they stay), are deferred.
 pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
     if prev.node != next.node || prev.family != next.family || prev.mode != next.mode {
         return PartialSync { now: render_full(next), full: true, ..PartialSync::default() };
@@ -211,9 +221,14 @@ pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
         set_block(&mut body, &t, "set", POD_CIDRS, spec_of(POD_CIDRS).unwrap_or_default(), &nets);
     }
 
+    let mut stale_hairpin = Vec::new();
     for ((map, key), value) in &old_elements {
         if new_elements.get(&(*map, key.clone())) != Some(value) {
-            line(&mut body, format_args!("delete element {t} {map} {{ {key} }}"));
+            if *map == HAIRPIN {
+                stale_hairpin.push(key.clone());
+            } else {
+                line(&mut body, format_args!("delete element {t} {map} {{ {key} }}"));
+            }
         }
     }
     let mut added: BTreeMap<&str, Vec<String>> = BTreeMap::new();
@@ -231,7 +246,7 @@ pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
 
     let stale_sets: Vec<String> = old.sets.keys().filter(|n| !new.sets.contains_key(*n)).cloned().collect();
     if body.is_empty() {
-        return PartialSync { stale_chains, stale_sets, ..PartialSync::default() };
+        return PartialSync { stale_chains, stale_sets, stale_hairpin, ..PartialSync::default() };
     }
     // Declarations first: `nft` resolves `@set` references against them instead of reading the
     // kernel's sets. Re-adding an existing set with the same specification changes nothing.
@@ -244,13 +259,18 @@ pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
         line(&mut now, format_args!("add set {t} {name} {{ {spec} }}"));
     }
     now.push_str(&body);
-    PartialSync { now, full: false, stale_chains, stale_sets }
+    PartialSync { now, full: false, stale_chains, stale_sets, stale_hairpin }
 }
 
-/// A transaction deleting the stale chains and sets that `model` does not use (again); empty
-/// when there is nothing to delete. Run it when the data plane is idle: deletions make `nft`
-/// read every chain (see [`render_partial`]).
-pub fn render_cleanup(model: &Model, stale_chains: &BTreeSet<String>, stale_sets: &BTreeSet<String>) -> String {
+/// A transaction deleting the stale chains, sets and hairpin elements that `model` does not use
+/// (again); empty when there is nothing to delete. Run it when the data plane is idle: deletions
+/// make `nft` read every chain (see [`render_partial`]).
+pub fn render_cleanup(
+    model: &Model,
+    stale_chains: &BTreeSet<String>,
+    stale_sets: &BTreeSet<String>,
+    stale_hairpin: &BTreeSet<String>,
+) -> String {
     let t = Fam::of(model.family).table();
     let mut used = Objects::default();
     let mut elements = Elements::new();
@@ -263,6 +283,9 @@ pub fn render_cleanup(model: &Model, stale_chains: &BTreeSet<String>, stale_sets
     }
     for name in stale_sets.iter().filter(|n| !used.sets.contains_key(*n)) {
         line(&mut out, format_args!("delete set {t} {name}"));
+    }
+    for key in stale_hairpin.iter().filter(|k| !elements.contains_key(&(HAIRPIN, (*k).clone()))) {
+        line(&mut out, format_args!("delete element {t} {HAIRPIN} {{ {key} }}"));
     }
     out
 }
@@ -389,6 +412,10 @@ fn global_sets(model: &Model, f: &Fam) -> Vec<(&'static str, String)> {
         (NO_ENDPOINT_SERVICES, format!("{by_addr} ; comment \"services without usable endpoints: reject or drop\" ;")),
         (FIREWALL_IPS, format!("{by_addr} ; comment \"LoadBalancer IPs with loadBalancerSourceRanges\" ;")),
         (POD_CIDRS, format!("type {a} ; flags interval ; auto-merge ; comment \"this node's pod CIDRs\" ;")),
+        (
+            HAIRPIN,
+            format!("type {a} . {a} ; comment \"endpoint . endpoint: a pod reaching itself through a service\" ;"),
+        ),
     ];
     if model.mode == Mode::Full {
         sets.extend([
@@ -451,6 +478,10 @@ fn base_chains(model: &Model, f: &Fam) -> Vec<(&'static str, String, Vec<String>
             "masquerading",
             String::new(),
             vec![
+                Some(format!(
+                    "ct status dnat {a} saddr . {a} daddr @{HAIRPIN} meta mark set meta mark | {mark:#x} \
+                     comment \"hairpin\""
+                )),
                 Some(format!("meta mark & {mark:#x} == 0 return")),
                 Some(format!("meta mark set meta mark ^ {mark:#x}")),
                 Some("masquerade fully-random".to_owned()),
@@ -562,16 +593,31 @@ fn build_service(
             }
         }
 
-        let Some(objects) = objects.as_deref_mut() else {
-            continue;
-        };
-
         // Chains, created under the same conditions the elements above point at them.
         let svc_used = !all.is_empty() && (has_outside || (!cluster_ips.is_empty() && !svc.internal_local));
         let local_used = !local.is_empty()
             && ((has_outside && svc.external_local) || (!cluster_ips.is_empty() && svc.internal_local));
         let mut endpoints: BTreeSet<&Endpoint> = BTreeSet::new();
+        if svc_used {
+            endpoints.extend(all.iter().copied());
+        }
+        if local_used {
+            endpoints.extend(local.iter().copied());
+        }
+        for e in &endpoints {
+            claim(elements, HAIRPIN, format!("{} . {}", e.ip, e.ip), "");
+        }
+
+        let Some(objects) = objects.as_deref_mut() else {
+            continue;
+        };
         let a = f.nft;
+        if let Some(timeout) = svc.affinity_timeout {
+            for e in &endpoints {
+                let spec = format!("type {} ; flags dynamic,timeout ; timeout {timeout}s ;", f.addr_type);
+                objects.sets.insert(affinity_set(&id, e, timeout), spec);
+            }
+        }
         if svc_used {
             let mut rules = Vec::new();
             if !cluster_ips.is_empty() {
@@ -581,16 +627,14 @@ fn build_service(
                      comment \"cluster IP from outside this node's pods\""
                 ));
             }
-            rules.extend(dispatch(&id, &all, svc.affinity_timeout, &f));
+            rules.extend(dispatch(&id, port, &all, svc.affinity_timeout, &f));
             let comment = format!("{id}: all endpoints");
             objects.chains.insert(svc_chain.clone(), Chain { comment, rules });
-            endpoints.extend(all.iter().copied());
         }
         if local_used {
-            let rules = dispatch(&id, &local, svc.affinity_timeout, &f);
+            let rules = dispatch(&id, port, &local, svc.affinity_timeout, &f);
             let comment = format!("{id}: local endpoints");
             objects.chains.insert(local_chain.clone(), Chain { comment, rules });
-            endpoints.extend(local.iter().copied());
         }
         if has_outside && !all.is_empty() {
             let rules = if svc.external_local {
@@ -625,19 +669,6 @@ fn build_service(
             let comment = format!("{id}: source ranges");
             objects.chains.insert(fw_chain, Chain { comment, rules: vec![rule] });
         }
-        for e in endpoints {
-            let mut rules = vec![format!("{a} saddr {} jump mark-for-masquerade comment \"hairpin\"", e.ip)];
-            if let Some(timeout) = svc.affinity_timeout {
-                let set = affinity_set(&id, e, timeout);
-                rules.push(format!("update @{set} {{ {a} saddr }}"));
-                objects
-                    .sets
-                    .insert(set, format!("type {} ; flags dynamic,timeout ; timeout {timeout}s ;", f.addr_type));
-            }
-            rules.push(format!("meta l4proto {proto} dnat to {}", f.dnat_target(e)));
-            let comment = format!("{id}: {}", f.dnat_target(e));
-            objects.chains.insert(endpoint_chain(&id, e), Chain { comment, rules });
-        }
     }
 }
 
@@ -652,42 +683,46 @@ fn addr_match(ips: &[IpAddr]) -> String {
     }
 }
 
-fn endpoint_chain(id: &str, e: &Endpoint) -> String {
-    format!("ep-{}", hash16(&format!("{id}/{}/{}", e.ip, e.port)))
-}
-
 /// The timeout is part of the name: a set's timeout cannot be changed in place.
 fn affinity_set(id: &str, e: &Endpoint, timeout: u32) -> String {
     format!("aff-{}", hash16(&format!("{id}/{}/{}/{timeout}", e.ip, e.port)))
 }
 
-/// Rules choosing an endpoint: remembered clients first, then a uniform random pick.
+/// Rules choosing an endpoint and translating to it: remembered clients first, then a uniform
+/// random pick. Each rule ends in its own `dnat`, so there is no chain per endpoint: chains are
+/// what makes the kernel slow (it validates every chain reachable from a base chain on each
+/// commit that adds a `dnat` or `goto`, and `nft` dumps them all before deletions).
 ///
 /// The pick is a cascade, not `numgen random mod N vmap { .. }`: every anonymous vmap is a set of
 /// its own, and the kernel's cost of adding one grows with the number of sets in the table
 /// (8,000 of them take 6 s to load, 100,000 minutes). Rule `i` of `N` takes the packet with
 /// probability `1 / (N - i)`, which makes every endpoint equally likely; only the first packet
 /// of a connection walks it, and its length depends on this service's endpoints alone.
-fn dispatch(id: &str, endpoints: &[&Endpoint], affinity: Option<u32>, f: &Fam) -> Vec<String> {
+fn dispatch(id: &str, port: &PortModel, endpoints: &[&Endpoint], affinity: Option<u32>, f: &Fam) -> Vec<String> {
+    let a = f.nft;
+    let proto = port.proto;
+    let translate = |e: &Endpoint| match affinity {
+        Some(timeout) => format!(
+            "meta l4proto {proto} update @{} {{ {a} saddr }} dnat to {}",
+            affinity_set(id, e, timeout),
+            f.dnat_target(e)
+        ),
+        None => format!("meta l4proto {proto} dnat to {}", f.dnat_target(e)),
+    };
     let mut rules = Vec::new();
     if let Some(timeout) = affinity {
         for e in endpoints {
-            rules.push(format!(
-                "{} saddr @{} goto {} comment \"session affinity\"",
-                f.nft,
-                affinity_set(id, e, timeout),
-                endpoint_chain(id, e)
-            ));
+            let set = affinity_set(id, e, timeout);
+            rules.push(format!("{a} saddr @{set} {} comment \"session affinity\"", translate(e)));
         }
     }
     let n = endpoints.len();
     for (i, e) in endpoints.iter().enumerate() {
-        let chain = endpoint_chain(id, e);
         let left = n - i;
         if left == 1 {
-            rules.push(format!("goto {chain}"));
+            rules.push(translate(e));
         } else {
-            rules.push(format!("numgen random mod {left} == 0 goto {chain} comment \"1 in {left}\""));
+            rules.push(format!("numgen random mod {left} == 0 {} comment \"1 in {left}\"", translate(e)));
         }
     }
     rules
@@ -969,8 +1004,8 @@ mod tests {
             assert!(!l.starts_with("delete") || l.starts_with("delete element"), "{l}");
         }
         insta::assert_snapshot!("partial", partial.now);
-        let (chains, sets) = stale(&partial);
-        insta::assert_snapshot!("cleanup", render_cleanup(&next, &chains, &sets));
+        let (chains, sets, hairpin) = stale(&partial);
+        insta::assert_snapshot!("cleanup", render_cleanup(&next, &chains, &sets, &hairpin));
     }
 
     #[test]
@@ -983,8 +1018,11 @@ mod tests {
         assert_eq!(partial.now, render_full(&next));
     }
 
-    fn stale(p: &PartialSync) -> (BTreeSet<String>, BTreeSet<String>) {
-        (p.stale_chains.iter().cloned().collect(), p.stale_sets.iter().cloned().collect())
+    type Stale = (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>);
+
+    fn stale(p: &PartialSync) -> Stale {
+        let set = |v: &[String]| v.iter().cloned().collect();
+        (set(&p.stale_chains), set(&p.stale_sets), set(&p.stale_hairpin))
     }
 
     /// A stale chain that a later sync brings back is not deleted by the cleanup.
@@ -994,10 +1032,10 @@ mod tests {
         let next = next_of(&prev);
         let forth = render_partial(&prev, &next);
         let back = render_partial(&next, &prev);
-        let (chains, sets) = stale(&forth);
+        let (chains, sets, hairpin) = stale(&forth);
         assert!(!chains.is_empty());
         assert!(!back.now.is_empty());
-        assert_eq!(render_cleanup(&prev, &chains, &sets), "");
+        assert_eq!(render_cleanup(&prev, &chains, &sets, &hairpin), "");
     }
 
     // ---- real nftables, in a throw-away network namespace ----
@@ -1129,6 +1167,62 @@ print("sticky", len(backends("198.19.0.15", 40)))
         assert_eq!(out, "clusterip ok\nlb ok\nnodeport ok\nempty refused fast\nranged timeout\nspread 2\nsticky 1\n");
     }
 
+    /// Two pods in namespaces of their own behind this node, routed over veths: a pod reaching
+    /// itself through its service is masqueraded (its server sees the node's address, and the
+    /// connection works), a pod reaching the other pod's service keeps its own address.
+    #[test]
+    fn nft_masquerades_hairpin_connections_only() {
+        let m = model(
+            Mode::Full,
+            vec![
+                ("a", cluster_ip("198.19.0.10", vec![http(vec![ep("198.18.1.2", "node-1")])])),
+                ("b", cluster_ip("198.19.0.11", vec![http(vec![ep("198.18.1.3", "node-1")])])),
+            ],
+        );
+        let rules = file(&render_full(&m));
+        let server = file(
+            r#"
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], 8080))
+srv.listen(8)
+while True:
+    c, peer = srv.accept()
+    c.sendall(peer[0].encode())
+    c.close()
+"#,
+        );
+        let client = file(
+            r#"
+import socket, sys
+for name, addr in [("self", "198.19.0.10"), ("other", "198.19.0.11")]:
+    try:
+        print(name, socket.create_connection((addr, 80), timeout=2).recv(32).decode())
+    except OSError as e:
+        print(name, "failed", repr(e))
+"#,
+        );
+        let (server, client) = (server.path().display(), client.path().display());
+        let out = in_netns(&format!(
+            "ip link set lo up; sysctl -qw net.ipv4.ip_forward=1; \
+             for p in a:2 b:3; do n=${{p%:*}}; h=${{p#*:}}; \
+               unshare --net -- sleep 20 >/dev/null 2>&1 & pid=$!; sleep 0.2; eval pid_$n=$pid; \
+               ip link add v$n type veth peer name p$n; ip link set p$n netns $pid; \
+               ip addr add 198.18.1.1/32 dev v$n; ip link set v$n up; ip route add 198.18.1.$h/32 dev v$n; \
+               nsenter --net=/proc/$pid/ns/net sh -ec \"ip link set lo up; ip link set p$n up; \
+                 ip addr add 198.18.1.$h/32 dev p$n; ip route add 198.18.1.1/32 dev p$n; \
+                 ip route add default via 198.18.1.1 dev p$n\"; \
+               nsenter --net=/proc/$pid/ns/net timeout 20 python3 {server} 198.18.1.$h >/dev/null 2>&1 & \
+               eval srv_$n=$!; \
+             done; \
+             nft -f {}; sleep 0.3; nsenter --net=/proc/$pid_a/ns/net timeout 10 python3 {client}; \
+             kill $srv_a $srv_b $pid_a $pid_b",
+            rules.path().display(),
+        ));
+        assert_eq!(out, "self 198.18.1.1\nother 198.18.1.2\n");
+    }
+
     /// `nft list` output as sorted tokens, each tagged with its chain, set or map, so that two
     /// tables built along different paths compare equal when their content is.
     fn normalized(listing: &str) -> Vec<String> {
@@ -1157,11 +1251,11 @@ print("sticky", len(backends("198.19.0.15", 40)))
         let prev = combined();
         let next = next_of(&prev);
         let forth = render_partial(&prev, &next);
-        let (chains, sets) = stale(&forth);
+        let (chains, sets, hairpin) = stale(&forth);
         let (full_prev, partial, cleanup, full_next) = (
             file(&render_full(&prev)),
             file(&forth.now),
-            file(&render_cleanup(&next, &chains, &sets)),
+            file(&render_cleanup(&next, &chains, &sets, &hairpin)),
             file(&render_full(&next)),
         );
         let (a, b, c, d) = (
@@ -1177,8 +1271,8 @@ print("sticky", len(backends("198.19.0.15", 40)))
 
         // And back again, which deletes what was added.
         let back = render_partial(&next, &prev);
-        let (chains, sets) = stale(&back);
-        let (back, back_cleanup) = (file(&back.now), file(&render_cleanup(&prev, &chains, &sets)));
+        let (chains, sets, hairpin) = stale(&back);
+        let (back, back_cleanup) = (file(&back.now), file(&render_cleanup(&prev, &chains, &sets, &hairpin)));
         let (e, g) = (back.path().display(), back_cleanup.path().display());
         let round_trip =
             in_netns(&format!("nft -f {a}; nft -f {b}; nft -f {c}; nft -f {e}; nft -f {g}; nft list table ip ferrolb"));

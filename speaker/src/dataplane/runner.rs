@@ -126,6 +126,8 @@ struct Applied {
     stale_chains: BTreeSet<String>,
     /// Unused affinity sets left for [`Runner::cleanup`].
     stale_sets: BTreeSet<String>,
+    /// Hairpin elements of former endpoints left for [`Runner::cleanup`].
+    stale_hairpin: BTreeSet<String>,
 }
 
 /// Applies models, keeping what it applied last per family.
@@ -156,9 +158,11 @@ impl Runner {
                 } else {
                     let mut chains = prev.stale_chains;
                     let mut sets = prev.stale_sets;
+                    let mut hairpin = prev.stale_hairpin;
                     chains.extend(partial.stale_chains);
                     sets.extend(partial.stale_sets);
-                    (SyncKind::Partial, partial.now, Some((chains, sets)))
+                    hairpin.extend(partial.stale_hairpin);
+                    (SyncKind::Partial, partial.now, Some((chains, sets, hairpin)))
                 }
             }
             None => (SyncKind::Full, render_full(&model), None),
@@ -167,14 +171,16 @@ impl Runner {
         if ran {
             self.nft.run(&script).await?;
         }
-        let (stale_chains, stale_sets) = stale.unwrap_or_default();
-        self.applied.insert(family, Applied { model, stale_chains, stale_sets });
+        let (stale_chains, stale_sets, stale_hairpin) = stale.unwrap_or_default();
+        self.applied.insert(family, Applied { model, stale_chains, stale_sets, stale_hairpin });
         Ok(Synced { kind, took: if ran { start.elapsed() } else { Duration::ZERO }, ran })
     }
 
     /// Whether partial syncs left chains or sets for [`Runner::cleanup`].
     pub fn has_stale(&self) -> bool {
-        self.applied.values().any(|a| !a.stale_chains.is_empty() || !a.stale_sets.is_empty())
+        self.applied
+            .values()
+            .any(|a| !a.stale_chains.is_empty() || !a.stale_sets.is_empty() || !a.stale_hairpin.is_empty())
     }
 
     /// Deletes what partial syncs left behind. Slower than a partial sync (deletions make `nft`
@@ -184,7 +190,8 @@ impl Runner {
         let families: Vec<Family> = self.applied.keys().copied().collect();
         for family in families {
             let Some(applied) = self.applied.get_mut(&family) else { continue };
-            let script = render_cleanup(&applied.model, &applied.stale_chains, &applied.stale_sets);
+            let script =
+                render_cleanup(&applied.model, &applied.stale_chains, &applied.stale_sets, &applied.stale_hairpin);
             if !script.is_empty()
                 && let Err(e) = self.nft.run(&script).await
             {
@@ -193,6 +200,7 @@ impl Runner {
             }
             applied.stale_chains.clear();
             applied.stale_sets.clear();
+            applied.stale_hairpin.clear();
         }
         Ok(())
     }
@@ -318,13 +326,19 @@ mod tests {
 
         let two = model(&[("web", "198.19.0.10", &["198.18.1.3"]), ("api", "198.19.0.11", &["198.18.1.2"])]);
         assert_eq!(runner.apply(two.clone()).await.unwrap().kind, SyncKind::Partial);
-        assert!(runner.has_stale());
         let listing = ns.sh("nft list table ip ferrolb");
         assert!(listing.contains("dnat to 198.18.1.3:8080") && listing.contains("198.19.0.11 . tcp . 80"), "{listing}");
+        // `api` goes: its chain, and the hairpin element of its endpoint (no longer anybody's),
+        // are left for the cleanup.
+        let three = model(&[("web", "198.19.0.10", &["198.18.1.3"])]);
+        assert_eq!(runner.apply(three).await.unwrap().kind, SyncKind::Partial);
+        assert!(runner.has_stale());
+        assert!(ns.sh("nft list table ip ferrolb").contains("198.18.1.2 . 198.18.1.2"));
         runner.cleanup().await.unwrap();
         assert!(!runner.has_stale());
         let listing = ns.sh("nft list table ip ferrolb");
-        assert!(!listing.contains("default/web/http/tcp: 198.18.1.2:8080"), "stale chain left:\n{listing}");
+        assert!(!listing.contains("default/api/http/tcp"), "stale chain left:\n{listing}");
+        assert!(!listing.contains("198.18.1.2 . 198.18.1.2"), "stale hairpin element left:\n{listing}");
 
         // Somebody else breaks the table under us: the partial sync fails with nft's words, and
         // the next sync is a full one that repairs it.
