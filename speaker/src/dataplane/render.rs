@@ -11,8 +11,10 @@
 //!     fib daddr local, daddr @node-ips, l4proto . dport vmap @service-nodeports ──> ext-H
 //!  ext-H:   Cluster: mark for masquerade, goto svc-H
 //!           Local:   pod / node-local sources goto svc-H; others goto local-H (or fall through)
-//!  svc-H, local-H:  affinity (saddr @aff-E: update @aff-E, dnat to E), then a random pick
-//!                   (numgen cascade, each rule: [update @aff-E], dnat to E)
+//!  svc-H, local-H:  dnat to a random endpoint of the port's key in map endpoints-PROTO-XX:
+//!                   K1 . K2 . numgen random mod N [offset O]  ->  address . port
+//!                   session affinity instead: saddr @aff-E: update @aff-E, dnat to E; then a
+//!                   numgen cascade, each rule: update @aff-E, dnat to E
 //!  nat-postrouting ──> masquerading: packets carrying the mark, and hairpin ones
 //!                   (ct status dnat, saddr . daddr @hairpin: a pod that reached itself)
 //!  filter hooks (ct state new):  firewall-check      daddr . l4proto . dport vmap @firewall-ips
@@ -26,7 +28,8 @@
 //!
 //! Chains are few on purpose, one or two per service port and none per endpoint: on every commit
 //! that adds a `dnat`, `goto` or `jump`, the kernel validates every chain reachable from each
-//! base chain, and before any deletion `nft` dumps every chain (see [`render_partial`]).
+//! base chain, and before any deletion `nft` dumps every chain (see [`render_partial`]). Endpoints
+//! are map elements, so most endpoint changes rewrite no rule at all (see `dispatch`).
 //!
 //! A full sync deletes and recreates the table inside one transaction: atomic (packets see the
 //! old or the new ruleset, never none), idempotent, and it removes anything stale (chains of
@@ -41,7 +44,7 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use sha2::{Digest, Sha256};
 
-use super::model::{Endpoint, Family, Mode, Model, PortModel, ServiceKey, ServiceModel};
+use super::model::{Endpoint, Family, Mode, Model, PortModel, Protocol, ServiceKey, ServiceModel};
 
 /// The table name, in both the `ip` and the `ip6` family.
 pub const TABLE: &str = "ferrolb";
@@ -59,6 +62,8 @@ const CLUSTER_IPS: &str = "cluster-ips";
 const NODE_IPS: &str = "node-ips";
 const POD_CIDRS: &str = "pod-cidrs";
 const HAIRPIN: &str = "hairpin";
+/// Endpoint maps are named `endpoints-PROTO-XX`, `XX` from the service port's hash.
+const ENDPOINTS: &str = "endpoints";
 
 const REJECT: &str = "goto reject-chain";
 const DROP: &str = "drop";
@@ -68,8 +73,9 @@ pub fn render_full(model: &Model) -> String {
     let f = Fam::of(model.family);
     let mut services = Objects::default();
     let mut elements = Elements::new();
+    let mut buckets = Buckets::new();
     for (key, svc) in &model.services {
-        build_service(model, key, svc, Some(&mut services), &mut elements);
+        build_service(model, key, svc, Some(&mut services), &mut elements, &mut buckets);
     }
 
     let mut out = String::new();
@@ -85,6 +91,9 @@ pub fn render_full(model: &Model) -> String {
     }
     for (name, spec) in &services.sets {
         line(&mut out, format_args!("add set {t} {name} {{ {spec} }}"));
+    }
+    for name in buckets.keys() {
+        line(&mut out, format_args!("add map {t} {name} {{ {} }}", f.endpoint_map_spec(name)));
     }
 
     out.push_str("\n# chains\n");
@@ -123,6 +132,10 @@ pub fn render_full(model: &Model) -> String {
     for ((map, key), value) in &elements {
         add_element(&mut out, &f, map, key, value);
     }
+    for (name, list) in &buckets {
+        let list: Vec<&str> = list.iter().map(String::as_str).collect();
+        line(&mut out, format_args!("add element {t} {name} {{ {} }}", list.join(", ")));
+    }
     out
 }
 
@@ -146,8 +159,8 @@ pub struct PartialSync {
 
 /// A transaction that turns the table rendered for `prev` into the one for `next`, touching only
 /// what differs: chains and affinity sets of changed services are added or rewritten (flush,
-/// then re-add with their rules), map elements are deleted or added, and the node-address and
-/// pod-CIDR sets are refilled when they changed. Chains and sets no longer used are emptied and
+/// then re-add with their rules), map elements are deleted or added, endpoint maps and the
+/// node-address and pod-CIDR sets are refilled (flush, then re-add) when they changed. Chains and sets no longer used are emptied and
 /// reported, not deleted (see below).
 ///
 /// It assumes the kernel holds what `prev` rendered (plus stale objects); after a failed
@@ -180,10 +193,13 @@ pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
     // and which one wins must not depend on which of them changed.
     let (mut old, mut new) = (Objects::default(), Objects::default());
     let (mut old_elements, mut new_elements) = (Elements::new(), Elements::new());
-    for (model, objects, elements) in [(prev, &mut old, &mut old_elements), (next, &mut new, &mut new_elements)] {
+    let (mut old_buckets, mut new_buckets) = (Buckets::new(), Buckets::new());
+    for (model, objects, elements, buckets) in
+        [(prev, &mut old, &mut old_elements, &mut old_buckets), (next, &mut new, &mut new_elements, &mut new_buckets)]
+    {
         for (key, svc) in &model.services {
             let objects = changed.contains(key).then_some(&mut *objects);
-            build_service(model, key, svc, objects, elements);
+            build_service(model, key, svc, objects, elements, buckets);
         }
     }
 
@@ -244,7 +260,28 @@ pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
         set_block(&mut body, &t, kind, map, spec, &elements);
     }
 
-    let stale_sets: Vec<String> = old.sets.keys().filter(|n| !new.sets.contains_key(*n)).cloned().collect();
+    // An endpoint map that changed is emptied and filled again (a flush needs no cache, element
+    // deletions would); one emptied for good is left for the cleanup.
+    let mut stale_sets: Vec<String> = old.sets.keys().filter(|n| !new.sets.contains_key(*n)).cloned().collect();
+    let mut declare = new.buckets.clone();
+    let names: BTreeSet<&String> = old_buckets.keys().chain(new_buckets.keys()).collect();
+    for name in names {
+        let (before, after) = (old_buckets.get(name), new_buckets.get(name));
+        if before == after {
+            continue;
+        }
+        declare.insert(name.clone());
+        if before.is_some() {
+            line(&mut body, format_args!("flush map {t} {name}"));
+        }
+        match after {
+            Some(list) => {
+                let list: Vec<String> = list.iter().cloned().collect();
+                set_block(&mut body, &t, "map", name, &f.endpoint_map_spec(name), &list);
+            }
+            None => stale_sets.push(name.clone()),
+        }
+    }
     if body.is_empty() {
         return PartialSync { stale_chains, stale_sets, stale_hairpin, ..PartialSync::default() };
     }
@@ -257,6 +294,9 @@ pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
     }
     for (name, spec) in &new.sets {
         line(&mut now, format_args!("add set {t} {name} {{ {spec} }}"));
+    }
+    for name in &declare {
+        line(&mut now, format_args!("add map {t} {name} {{ {} }}", f.endpoint_map_spec(name)));
     }
     now.push_str(&body);
     PartialSync { now, full: false, stale_chains, stale_sets, stale_hairpin }
@@ -274,14 +314,15 @@ pub fn render_cleanup(
     let t = Fam::of(model.family).table();
     let mut used = Objects::default();
     let mut elements = Elements::new();
+    let mut buckets = Buckets::new();
     for (key, svc) in &model.services {
-        build_service(model, key, svc, Some(&mut used), &mut elements);
+        build_service(model, key, svc, Some(&mut used), &mut elements, &mut buckets);
     }
     let mut out = String::new();
     for name in stale_chains.iter().filter(|n| !used.chains.contains_key(*n)) {
         line(&mut out, format_args!("delete chain {t} {name}"));
     }
-    for name in stale_sets.iter().filter(|n| !used.sets.contains_key(*n)) {
+    for name in stale_sets.iter().filter(|n| !used.sets.contains_key(*n) && !buckets.contains_key(*n)) {
         line(&mut out, format_args!("delete set {t} {name}"));
     }
     for key in stale_hairpin.iter().filter(|k| !elements.contains_key(&(HAIRPIN, (*k).clone()))) {
@@ -317,6 +358,17 @@ impl Fam {
         format!("{} {TABLE}", self.nft)
     }
 
+    /// Endpoint map `name`: `k1 . k2 . index -> address . port`. The key is three numbers
+    /// because `nft` takes no constants in a concatenation, and `numgen random mod 1 offset K` is
+    /// one. One map per protocol: a `th dport` here, or another protocol's port, conflicts with
+    /// the rule's `meta l4proto` when `nft` reads the map back from the kernel.
+    fn endpoint_map_spec(&self, name: &str) -> String {
+        let n = "numgen random mod 1";
+        let proto = name.split('-').nth(1).unwrap_or("th");
+        let a = self.nft;
+        format!("typeof {n} . {n} . {n} : {a} daddr . {proto} dport ; comment \"endpoints by key\" ;")
+    }
+
     /// An endpoint as a DNAT target: `ip:port`, or `[ip]:port` for IPv6.
     fn dnat_target(&self, e: &Endpoint) -> String {
         match e.ip {
@@ -340,7 +392,12 @@ struct Objects {
     chains: BTreeMap<String, Chain>,
     /// Affinity set name -> its specification.
     sets: BTreeMap<String, String>,
+    /// Endpoint maps the chains refer to.
+    buckets: BTreeSet<String>,
 }
+
+/// Endpoint map name -> its elements (`k1 . k2 . index : address . port`).
+type Buckets = BTreeMap<String, BTreeSet<String>>;
 
 /// `(map or set, key) -> verdict` (empty for plain sets). The first service to claim a key keeps
 /// it, services being visited in key order.
@@ -526,6 +583,7 @@ fn build_service(
     svc: &ServiceModel,
     mut objects: Option<&mut Objects>,
     elements: &mut Elements,
+    buckets: &mut Buckets,
 ) {
     let family = model.family;
     let f = Fam::of(family);
@@ -607,11 +665,24 @@ fn build_service(
         for e in &endpoints {
             claim(elements, HAIRPIN, format!("{} . {}", e.ip, e.ip), "");
         }
+        let slot = Slot::of(&id, proto);
+        if svc.affinity_timeout.is_none() && !endpoints.is_empty() {
+            // All endpoints at 0.., then the local ones after them.
+            let list = buckets.entry(slot.map.clone()).or_default();
+            for (used, chosen, first) in [(svc_used, &all, 0), (local_used, &local, all.len())] {
+                for (i, e) in chosen.iter().enumerate().filter(|_| used) {
+                    list.insert(format!("{} . {} . {} : {} . {}", slot.k1, slot.k2, first + i, e.ip, e.port));
+                }
+            }
+        }
 
         let Some(objects) = objects.as_deref_mut() else {
             continue;
         };
         let a = f.nft;
+        if svc.affinity_timeout.is_none() && !endpoints.is_empty() {
+            objects.buckets.insert(slot.map.clone());
+        }
         if let Some(timeout) = svc.affinity_timeout {
             for e in &endpoints {
                 let spec = format!("type {} ; flags dynamic,timeout ; timeout {timeout}s ;", f.addr_type);
@@ -627,12 +698,12 @@ fn build_service(
                      comment \"cluster IP from outside this node's pods\""
                 ));
             }
-            rules.extend(dispatch(&id, port, &all, svc.affinity_timeout, &f));
+            rules.extend(dispatch(&id, port, &all, 0, svc.affinity_timeout, &f));
             let comment = format!("{id}: all endpoints");
             objects.chains.insert(svc_chain.clone(), Chain { comment, rules });
         }
         if local_used {
-            let rules = dispatch(&id, port, &local, svc.affinity_timeout, &f);
+            let rules = dispatch(&id, port, &local, all.len(), svc.affinity_timeout, &f);
             let comment = format!("{id}: local endpoints");
             objects.chains.insert(local_chain.clone(), Chain { comment, rules });
         }
@@ -688,33 +759,64 @@ fn affinity_set(id: &str, e: &Endpoint, timeout: u32) -> String {
     format!("aff-{}", hash16(&format!("{id}/{}/{}/{timeout}", e.ip, e.port)))
 }
 
-/// Rules choosing an endpoint and translating to it: remembered clients first, then a uniform
-/// random pick. Each rule ends in its own `dnat`, so there is no chain per endpoint: chains are
+/// Where a service port's endpoints are: a map (one of 256, so that none grows large: binding a
+/// map to a chain walks its elements) and a 64-bit key prefix, both from the port's hash.
+struct Slot {
+    map: String,
+    k1: u32,
+    k2: u32,
+}
+
+impl Slot {
+    fn of(id: &str, proto: Protocol) -> Self {
+        let d = Sha256::digest(format!("{id}/endpoints").as_bytes());
+        let word = |i: usize| u32::from_be_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]]);
+        Slot { map: format!("{ENDPOINTS}-{proto}-{:02x}", d[0]), k1: word(1), k2: word(5) }
+    }
+}
+
+/// Rules choosing an endpoint and translating to it. There is no chain per endpoint: chains are
 /// what makes the kernel slow (it validates every chain reachable from a base chain on each
 /// commit that adds a `dnat` or `goto`, and `nft` dumps them all before deletions).
 ///
-/// The pick is a cascade, not `numgen random mod N vmap { .. }`: every anonymous vmap is a set of
-/// its own, and the kernel's cost of adding one grows with the number of sets in the table
-/// (8,000 of them take 6 s to load, 100,000 minutes). Rule `i` of `N` takes the packet with
-/// probability `1 / (N - i)`, which makes every endpoint equally likely; only the first packet
-/// of a connection walks it, and its length depends on this service's endpoints alone.
-fn dispatch(id: &str, port: &PortModel, endpoints: &[&Endpoint], affinity: Option<u32>, f: &Fam) -> Vec<String> {
+/// Without affinity: one rule, `dnat` to a random one of the `endpoints.len()` entries from
+/// `offset` on in the port's endpoint map. It depends on the number of endpoints only, so most
+/// endpoint changes rewrite map elements and no rule (no validation). Not an anonymous map per
+/// service: every anonymous set costs the kernel time that grows with the number of sets in the
+/// table (8,000 of them take 6 s to load); nor a named map each (the kernel finds sets by name
+/// in a list: 10,000 maps add 3 s to a full load).
+///
+/// With affinity: remembered clients first, then a uniform random pick as a cascade (rule `i` of
+/// `N` takes the packet with probability `1 / (N - i)`), each rule updating its endpoint's
+/// affinity set and translating; only the first packet of a connection walks it.
+fn dispatch(
+    id: &str,
+    port: &PortModel,
+    endpoints: &[&Endpoint],
+    offset: usize,
+    affinity: Option<u32>,
+    f: &Fam,
+) -> Vec<String> {
     let a = f.nft;
     let proto = port.proto;
-    let translate = |e: &Endpoint| match affinity {
-        Some(timeout) => format!(
-            "meta l4proto {proto} update @{} {{ {a} saddr }} dnat to {}",
-            affinity_set(id, e, timeout),
-            f.dnat_target(e)
-        ),
-        None => format!("meta l4proto {proto} dnat to {}", f.dnat_target(e)),
+    let Some(timeout) = affinity else {
+        let slot = Slot::of(id, proto);
+        let n = endpoints.len();
+        let from = if offset == 0 { String::new() } else { format!(" offset {offset}") };
+        let one = "numgen random mod 1";
+        return vec![format!(
+            "meta l4proto {proto} dnat to {one} offset {} . {one} offset {} . numgen random mod {n}{from} map @{}",
+            slot.k1, slot.k2, slot.map
+        )];
+    };
+    let translate = |e: &Endpoint| {
+        let set = affinity_set(id, e, timeout);
+        format!("meta l4proto {proto} update @{set} {{ {a} saddr }} dnat to {}", f.dnat_target(e))
     };
     let mut rules = Vec::new();
-    if let Some(timeout) = affinity {
-        for e in endpoints {
-            let set = affinity_set(id, e, timeout);
-            rules.push(format!("{a} saddr @{set} {} comment \"session affinity\"", translate(e)));
-        }
+    for e in endpoints {
+        let set = affinity_set(id, e, timeout);
+        rules.push(format!("{a} saddr @{set} {} comment \"session affinity\"", translate(e)));
     }
     let n = endpoints.len();
     for (i, e) in endpoints.iter().enumerate() {
@@ -734,7 +836,7 @@ mod tests {
     use std::io::Write as _;
     use std::process::Command;
 
-    use super::super::model::{Protocol, ServiceModel};
+    use super::super::model::ServiceModel;
     use super::*;
 
     fn ip(s: &str) -> IpAddr {
@@ -872,7 +974,15 @@ mod tests {
             ..ServiceModel::default()
         };
         v6_lb.ports[0].node_port = Some(31003);
-        let mut ipv6 = model(Mode::Full, vec![("dual", v6_lb)]);
+        let v6_plain = ServiceModel {
+            cluster_ips: vec![ip("2001:db8:ff::11")],
+            ports: vec![http(vec![
+                Endpoint::ready(ip("2001:db8:100::3"), 8080, "node-1"),
+                Endpoint::ready(ip("2001:db8:100:1::3"), 8080, "node-2"),
+            ])],
+            ..ServiceModel::default()
+        };
+        let mut ipv6 = model(Mode::Full, vec![("dual", v6_lb), ("v6-plain", v6_plain)]);
         ipv6.family = Family::V6;
         ipv6.node_ips = vec![ip("2001:db8:1::11"), ip("::1"), ip("192.0.2.11")];
         ipv6.pod_cidrs = vec![net("2001:db8:100::/64"), net("198.18.1.0/24")];

@@ -327,7 +327,7 @@ mod tests {
         let two = model(&[("web", "198.19.0.10", &["198.18.1.3"]), ("api", "198.19.0.11", &["198.18.1.2"])]);
         assert_eq!(runner.apply(two.clone()).await.unwrap().kind, SyncKind::Partial);
         let listing = ns.sh("nft list table ip ferrolb");
-        assert!(listing.contains("dnat to 198.18.1.3:8080") && listing.contains("198.19.0.11 . tcp . 80"), "{listing}");
+        assert!(listing.contains(": 198.18.1.3 . 8080") && listing.contains("198.19.0.11 . tcp . 80"), "{listing}");
         // `api` goes: its chain, and the hairpin element of its endpoint (no longer anybody's),
         // are left for the cleanup.
         let three = model(&[("web", "198.19.0.10", &["198.18.1.3"])]);
