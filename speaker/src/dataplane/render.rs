@@ -1206,7 +1206,8 @@ mod tests {
     /// Real packets, from the node itself, through the applied ruleset: ClusterIP, LB IP and
     /// NodePort reach the endpoint; no endpoints is refused at once; a source outside
     /// loadBalancerSourceRanges is dropped; 40 connections spread over both endpoints, or stay
-    /// on one under session affinity.
+    /// on one under session affinity; under internalTrafficPolicy Local, 20 reach only the local
+    /// one of two.
     #[test]
     fn nft_forwards_real_connections() {
         let one = || vec![ep("198.18.1.2", "node-1")];
@@ -1220,11 +1221,15 @@ mod tests {
         let two = || vec![ep("198.18.1.2", "node-1"), ep("198.18.1.3", "node-1")];
         let mut sticky = cluster_ip("198.19.0.15", vec![http(two())]);
         sticky.affinity_timeout = Some(60);
+        let mut local_only =
+            cluster_ip("198.19.0.16", vec![http(vec![ep("198.18.1.2", "node-2"), ep("198.18.1.3", "node-1")])]);
+        local_only.internal_local = true;
         let m = model(
             Mode::Full,
             vec![
                 ("spread", cluster_ip("198.19.0.14", vec![http(two())])),
                 ("sticky", sticky),
+                ("local-only", local_only),
                 ("web", cluster_ip("198.19.0.10", vec![http(one())])),
                 ("lb", lb_svc),
                 ("empty", cluster_ip("198.19.0.13", vec![http(vec![])])),
@@ -1265,6 +1270,7 @@ probe("empty", "198.19.0.13", 80)
 probe("ranged", "192.0.2.201", 80)
 print("spread", len(backends("198.19.0.14", 40)))
 print("sticky", len(backends("198.19.0.15", 40)))
+print("local", b",".join(backends("198.19.0.16", 20)).decode())
 "#,
         );
         let out = in_netns(&format!(
@@ -1274,7 +1280,10 @@ print("sticky", len(backends("198.19.0.15", 40)))
             rules.path().display(),
             probe.path().display()
         ));
-        assert_eq!(out, "clusterip ok\nlb ok\nnodeport ok\nempty refused fast\nranged timeout\nspread 2\nsticky 1\n");
+        assert_eq!(
+            out,
+            "clusterip ok\nlb ok\nnodeport ok\nempty refused fast\nranged timeout\nspread 2\nsticky 1\nlocal 198.18.1.3\n"
+        );
     }
 
     /// Two pods in namespaces of their own behind this node, routed over veths: a pod reaching
