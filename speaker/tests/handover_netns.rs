@@ -29,11 +29,14 @@ fn run_topology(handover: &str) -> String {
 
 #[test]
 fn a_connection_in_flight_survives_the_move_with_the_handover_chain() {
-    let chain = render(Family::V4, &[Handover {
-        ip: "198.18.200.250".parse().unwrap(),
-        previous: "198.18.200.11".parse().unwrap(),
-        interface: "eth0".into(),
-    }]);
+    let chain = render(
+        Family::V4,
+        &[Handover {
+            ip: "198.18.200.250".parse().unwrap(),
+            previous: "198.18.200.11".parse().unwrap(),
+            interface: "eth0".into(),
+        }],
+    );
     let with = run_topology(&chain);
     let exits: Vec<&str> = with.lines().filter(|l| l.starts_with("curl exit")).collect();
     assert_eq!(exits, ["curl exit 0", "curl exit 0"], "with the handover chain:\n{with}");
