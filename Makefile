@@ -6,7 +6,7 @@ export FERROLB_K8S_BIN_DIR ?=
 
 DEB_PACKAGES := nftables iproute2 iputils-arping ndisc6 tcpdump curl openssl procps ca-certificates util-linux python3 conntrack
 
-.PHONY: all deps k8s-bins build lab lab-down test lint fmt bench-controller bench-speaker manifests
+.PHONY: all deps k8s-bins build lab lab-down test lint fmt bench-controller bench-speaker bench-dataplane manifests
 
 all: build
 
@@ -57,6 +57,11 @@ manifests: k8s-bins
 bench-speaker: deps k8s-bins
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p ferrolb-e2e --bench speaker
+
+## bench-dataplane: ferrolb's data plane beside kube-proxy's nftables mode at 10, 1,000 and 10,000 services (brings up its own lab).
+bench-dataplane: deps k8s-bins
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p ferrolb-e2e --bench dataplane
 
 lint:
 	$(CARGO) fmt --all -- --check
