@@ -54,6 +54,8 @@ pub struct Settings {
     /// With a data plane: where this node's handovers go (see `dataplane::handover`); they
     /// are applied here, before the gratuitous packets that move the clients.
     pub handovers: Option<Arc<tokio::sync::watch::Sender<Vec<Handover>>>>,
+    /// The owner of the ServiceL2Statuses written (the speakers' DaemonSet), if known.
+    pub status_owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
 }
 
 #[derive(Clone)]
@@ -223,6 +225,7 @@ pub async fn run(
         client.clone(),
         s.namespace.clone(),
         s.node.clone(),
+        s.status_owner.clone(),
         caches.services.clone(),
         view_rx,
     ));

@@ -152,6 +152,7 @@ async fn run(a: RunArgs) -> Result<()> {
         node_ip: a.node_ip,
         secret,
         handovers: None,
+        status_owner: None,
     };
     let families = vec![model::Family::V4, model::Family::V6];
     let dp_metrics = Arc::new(DataplaneMetrics::default());
@@ -171,6 +172,10 @@ async fn run(a: RunArgs) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    let own_ds = a.daemonset.as_deref().map(|ds| OwnDaemonSet::watch(&client, &settings.namespace, ds));
+    if let Some(own) = &own_ds {
+        settings.status_owner = own.owner().await;
+    }
     let (handover_tx, handover_rx) = tokio::sync::watch::channel(Vec::new());
     if a.dataplane != Dataplane::Off {
         settings.handovers = Some(Arc::new(handover_tx));
@@ -208,9 +213,10 @@ async fn run(a: RunArgs) -> Result<()> {
     let announcer =
         ferrolb_speaker::announcer::run(client.clone(), &cluster, settings, metrics, stopped(stop_rx.clone()));
     let (r_announcer, r_dp) = tokio::join!(announcer, dp);
-    if let Some(ds) = &a.daemonset
-        && uninstalling(&client, &namespace, ds).await
+    if let Some(own) = &own_ds
+        && own.uninstalling()
     {
+        let ds = a.daemonset.as_deref().unwrap_or_default();
         tracing::info!(daemonset = %ds, "ferrolb is being uninstalled: removing this node's tables and statuses");
         let mut runner = dataplane::runner::Runner::new(Default::default());
         for f in &families {
@@ -227,18 +233,65 @@ async fn run(a: RunArgs) -> Result<()> {
     r_announcer.and(r_dp)
 }
 
-/// Whether the speakers' DaemonSet is gone or being deleted. Unknown (the API server does not
-/// answer in time) counts as no: keeping the rules is the safe side.
-async fn uninstalling(client: &kube::Client, namespace: &str, name: &str) -> bool {
-    let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> = kube::Api::namespaced(client.clone(), namespace);
-    match tokio::time::timeout(std::time::Duration::from_secs(3), api.get_opt(name)).await {
-        Ok(Ok(None)) => true,
-        Ok(Ok(Some(ds))) => ds.metadata.deletion_timestamp.is_some(),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "reading the speakers' DaemonSet at shutdown; keeping the rules");
-            false
+/// The speakers' own DaemonSet, watched (by name) from the start: at shutdown it tells an
+/// uninstall (the DaemonSet deleted) from a restart or an upgrade. It must be watched before:
+/// an uninstall deletes the speakers' permissions together with the DaemonSet, so nothing can
+/// be asked at shutdown.
+struct OwnDaemonSet {
+    store: kube::runtime::reflector::Store<k8s_openapi::api::apps::v1::DaemonSet>,
+    synced: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl OwnDaemonSet {
+    fn watch(client: &kube::Client, namespace: &str, name: &str) -> Self {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, reflector, watcher};
+        let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> = kube::Api::namespaced(client.clone(), namespace);
+        let (store, writer) = reflector::store();
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let stream = reflector::reflector(writer, watcher::watcher(api, cfg).default_backoff());
+        let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = synced.clone();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(watcher::Event::InitDone) => flag.store(true, std::sync::atomic::Ordering::Relaxed),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "watching the speakers' DaemonSet"),
+                }
+            }
+        });
+        OwnDaemonSet { store, synced }
+    }
+
+    /// Its owner reference, once it is seen (a few seconds at most).
+    async fn owner(&self) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> {
+        let ds = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                if let Some(ds) = self.store.state().into_iter().next() {
+                    return ds;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .ok()?;
+        use kube::Resource;
+        ds.controller_owner_ref(&()).map(|mut o| {
+            o.controller = Some(false);
+            o.block_owner_deletion = None;
+            o
+        })
+    }
+
+    /// Gone or being deleted, as far as the watch has seen. Unknown (never listed) is no: keeping
+    /// the rules is the safe side.
+    fn uninstalling(&self) -> bool {
+        if !self.synced.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
         }
-        Err(_) => false,
+        self.store.state().first().is_none_or(|ds| ds.metadata.deletion_timestamp.is_some())
     }
 }
 

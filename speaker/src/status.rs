@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use ferrolb_api::{InterfaceInfo, ServiceL2Status, ServiceL2StatusStatus};
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -107,6 +108,7 @@ pub async fn run(
     client: Client,
     namespace: String,
     node: String,
+    owner: Option<OwnerReference>,
     services: Store<Service>,
     views: watch::Receiver<View>,
 ) {
@@ -123,7 +125,7 @@ pub async fn run(
         let view = views.borrow_and_update().clone();
         let mut retry = false;
         for op in plan(&node, &view, &store.state(), &mut emitted) {
-            if let Err(e) = apply(&api, &recorder, &services, &namespace, op).await {
+            if let Err(e) = apply(&api, &recorder, &services, &namespace, owner.as_ref(), op).await {
                 tracing::warn!(error = %e, "writing ServiceL2Status; will retry");
                 retry = true;
             }
@@ -174,13 +176,14 @@ async fn apply(
     recorder: &Recorder,
     services: &Store<Service>,
     namespace: &str,
+    owner: Option<&OwnerReference>,
     op: Op,
 ) -> Result<(), kube::Error> {
     match op {
         Op::Write { service, status, event } => {
             let name = object_name(&service);
             let pp = PatchParams::apply(MANAGER).force();
-            let object = json!({
+            let mut object = json!({
                 "apiVersion": "ferrolb.io/v1beta1",
                 "kind": "ServiceL2Status",
                 "metadata": {"name": name, "namespace": namespace, "labels": {
@@ -190,6 +193,11 @@ async fn apply(
                 }},
                 "spec": {},
             });
+            // Owned by the speakers' DaemonSet: an uninstall takes the objects with it (the
+            // garbage collector's work, which needs no permission of ours once we are gone).
+            if let Some(o) = owner {
+                object["metadata"]["ownerReferences"] = json!([o]);
+            }
             api.patch(&name, &pp, &Patch::Apply(&object)).await?;
             let st = json!({"apiVersion": "ferrolb.io/v1beta1", "kind": "ServiceL2Status", "status": status});
             api.patch_status(&name, &pp, &Patch::Apply(&st)).await?;
