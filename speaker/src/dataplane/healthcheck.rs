@@ -39,19 +39,23 @@ pub struct HealthCheck {
 /// first by name keeps it (the API server does not allow it anyway).
 pub fn wanted(models: &[&Model]) -> BTreeMap<u16, HealthCheck> {
     let mut out: BTreeMap<u16, HealthCheck> = BTreeMap::new();
-    let mut local: BTreeMap<&ServiceKey, BTreeSet<IpAddr>> = BTreeMap::new();
+    // Per service, the local ready addresses of each family: a dual-stack pod has one of each,
+    // so the count is the larger family's, not the sum.
+    let mut local: BTreeMap<&ServiceKey, BTreeMap<bool, BTreeSet<IpAddr>>> = BTreeMap::new();
     for m in models {
         for (key, svc) in &m.services {
             let Some(port) = svc.health_check_node_port else { continue };
-            let ips = local.entry(key).or_default();
+            let families = local.entry(key).or_default();
             for p in &svc.ports {
-                ips.extend(p.local_endpoints(m.family, &m.node).iter().filter(|e| e.ready).map(|e| e.ip));
+                for e in p.local_endpoints(m.family, &m.node).iter().filter(|e| e.ready) {
+                    families.entry(e.ip.is_ipv4()).or_default().insert(e.ip);
+                }
             }
-            match out.get(&port) {
-                Some(h) if h.service != *key => continue,
-                _ => {}
+            if out.get(&port).is_some_and(|h| h.service != *key) {
+                continue;
             }
-            out.insert(port, HealthCheck { service: key.clone(), port, local_endpoints: ips.len() });
+            let count = families.values().map(BTreeSet::len).max().unwrap_or(0);
+            out.insert(port, HealthCheck { service: key.clone(), port, local_endpoints: count });
         }
     }
     out
@@ -206,6 +210,18 @@ mod tests {
         assert_eq!(w.len(), 1);
         assert_eq!(w[&32000].local_endpoints, 2);
         assert_eq!(wanted(&[&model(0, Some(32000))])[&32000].local_endpoints, 0);
+    }
+
+    #[test]
+    fn a_dual_stack_pod_counts_once() {
+        let v4 = model(2, Some(32000));
+        let mut v6 = model(0, Some(32000));
+        v6.family = Family::V6;
+        for (i, ip) in ["2001:db8:100:1::2", "2001:db8:100:1::3"].iter().enumerate() {
+            let e = Endpoint::ready(ip.parse().unwrap(), 8080, "node-1");
+            v6.services.values_mut().for_each(|s| s.ports[0].endpoints.insert(i, e.clone()));
+        }
+        assert_eq!(wanted(&[&v4, &v6])[&32000].local_endpoints, 2);
     }
 
     #[tokio::test]
