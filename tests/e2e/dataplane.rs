@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         ("a_speaker_restart_drops_no_request", restart_under_load),
         ("metrics_and_health_of_the_data_plane", metrics),
         ("lb_only_and_off_modes", modes),
+        ("udp_flows_to_a_removed_endpoint_move_on", udp_conntrack),
     ];
     let code = run_suite("dataplane", cases);
     SPEAKERS.lock().map(|mut s| s.clear()).ok();
@@ -98,6 +99,13 @@ spec:
   selector: {app: webserver}
   ports: [{port: 80, targetPort: 80}]
 ---
+apiVersion: v1
+kind: Service
+metadata: {name: udp}
+spec:
+  selector: {app: webserver}
+  ports: [{port: 53, targetPort: 80, protocol: UDP}]
+---
 apiVersion: apps/v1
 kind: Deployment
 metadata: {name: solo}
@@ -136,7 +144,7 @@ fn setup(lab: &Lab) -> Result<()> {
         speakers.push(Speaker::start(i)?);
     }
     drop(speakers);
-    let ip = lb_ip(lab, "hostname-svc-lb", 0)?;
+    let ip = lb_ip(lab, "hostname-svc-lb")?;
     wait_for("the LoadBalancer address to answer", Duration::from_secs(30), || {
         Ok(lab.curl("client", &format!("http://{ip}/")).ok().filter(|b| b.contains("hostname:")).map(drop))
     })
@@ -146,10 +154,12 @@ fn svc(lab: &Lab, name: &str) -> Result<Value> {
     lab.kubectl_json(&["get", "service", name])
 }
 
-/// `status.loadBalancer.ingress[i].ip`, waiting for it.
-fn lb_ip(lab: &Lab, name: &str, i: usize) -> Result<String> {
+/// The service's IPv4 `status.loadBalancer.ingress` address, waiting for it.
+fn lb_ip(lab: &Lab, name: &str) -> Result<String> {
     wait_for(&format!("an address for {name}"), Duration::from_secs(20), || {
-        Ok(svc(lab, name)?["status"]["loadBalancer"]["ingress"][i]["ip"].as_str().map(str::to_string))
+        let v = svc(lab, name)?;
+        let ingress = v["status"]["loadBalancer"]["ingress"].as_array().cloned().unwrap_or_default();
+        Ok(ingress.iter().filter_map(|i| i["ip"].as_str()).find(|ip| !ip.contains(':')).map(str::to_string))
     })
 }
 
@@ -231,7 +241,7 @@ fn node_ports(lab: &Lab) -> Result<()> {
 }
 
 fn lb_and_external_ips(lab: &Lab) -> Result<()> {
-    let ip = lb_ip(lab, "hostname-svc-lb", 0)?;
+    let ip = lb_ip(lab, "hostname-svc-lb")?;
     let (pod, _) = answer(&lab.curl("client", &url(&ip, 80))?)?;
     let (ext_pod, _) = answer(&lab.curl("client", &url(EXTERNAL_IP, 80))?)?;
     println!("  {ip} -> {pod}; externalIP {EXTERNAL_IP} -> {ext_pod}");
@@ -239,8 +249,8 @@ fn lb_and_external_ips(lab: &Lab) -> Result<()> {
 }
 
 fn traffic_policies(lab: &Lab) -> Result<()> {
-    let local = lb_ip(lab, "hostname-svc-lb-local", 0)?;
-    let cluster = lb_ip(lab, "hostname-svc-lb", 0)?;
+    let local = lb_ip(lab, "hostname-svc-lb-local")?;
+    let cluster = lb_ip(lab, "hostname-svc-lb")?;
     let node_addrs = ["192.0.2.11", "192.0.2.12", "192.0.2.13", "198.18.1.1", "198.18.2.1", "198.18.3.1"];
     for _ in 0..5 {
         let (_, seen) = answer(&lab.curl("client", &url(&local, 80))?)?;
@@ -364,8 +374,8 @@ fn unready_pod(lab: &Lab) -> Result<()> {
 }
 
 fn source_ranges(lab: &Lab) -> Result<()> {
-    let blocked = lb_ip(lab, "ranged", 0)?;
-    let allowed = lb_ip(lab, "ranged-ok", 0)?;
+    let blocked = lb_ip(lab, "ranged")?;
+    let allowed = lb_ip(lab, "ranged-ok")?;
     wait_for("ranged-ok to answer", Duration::from_secs(20), || {
         Ok(lab.curl("client", &url(&allowed, 80)).ok().filter(|b| b.contains("hostname:")).map(drop))
     })?;
@@ -473,7 +483,7 @@ fn metrics(_lab: &Lab) -> Result<()> {
 
 fn modes(lab: &Lab) -> Result<()> {
     let cip = cluster_ip_of(lab, "hostname-svc-clusterip", 0)?;
-    let lb = lb_ip(lab, "hostname-svc-lb", 0)?;
+    let lb = lb_ip(lab, "hostname-svc-lb")?;
     let mut speakers = SPEAKERS.lock().unwrap_or_else(|e| e.into_inner());
     speakers[2].restart_with(&["--dataplane=lb-only"])?;
     wait_for("node-3's table to keep only LoadBalancer addresses", Duration::from_secs(20), || {
@@ -489,5 +499,31 @@ fn modes(lab: &Lab) -> Result<()> {
         let t = lab.exec("node-3", &["nft", "list", "map", "ip", "ferrolb", "service-ips"]).unwrap_or_default();
         Ok(t.contains(&cip).then_some(()))
     })?;
+    Ok(())
+}
+
+/// One datagram from node-1's fixed source port 40053 to `ip:53`: the pod that answered.
+fn udp_ask(ip: &str) -> Result<Option<String>> {
+    let script = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',40053))\ns.settimeout(1)\ns.sendto(b'x',('{ip}',53))\nprint(s.recvfrom(1500)[0].decode())"
+    );
+    let out = ferrolb_e2e::output("ip", &["netns", "exec", "node-1", "python3", "-c", &script])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(out.status.success().then(|| answer(&text).ok().map(|(pod, _)| pod)).flatten())
+}
+
+fn udp_conntrack(lab: &Lab) -> Result<()> {
+    let ip = cluster_ip_of(lab, "udp", 0)?;
+    let first = wait_for("a UDP answer", Duration::from_secs(10), || udp_ask(&ip))?;
+    // The same source port again: conntrack keeps the flow on the same pod.
+    ensure!(udp_ask(&ip)?.as_deref() == Some(first.as_str()), "the UDP flow moved without cause");
+    lab.kubectl(&["delete", "pod", &first, "--wait=false"])?;
+    let t = Instant::now();
+    // Its conntrack entry must go with it, or the flow would stay pinned to a dead pod.
+    let next = wait_for("the UDP flow answered by another pod", Duration::from_secs(10), || {
+        Ok(udp_ask(&ip)?.filter(|p| *p != first))
+    })?;
+    println!("  UDP flow from {first} to {next} {:.1} s after the delete", t.elapsed().as_secs_f64());
+    lab.kubectl(&["rollout", "status", "deployment/hostname", "--timeout=60s"])?;
     Ok(())
 }
