@@ -43,6 +43,7 @@ test: deps k8s-bins lint build
 	$(CARGO) test -p ferrolb-e2e --test controller
 	$(CARGO) test -p ferrolb-e2e --test speaker
 	$(CARGO) test -p ferrolb-e2e --test dataplane
+	$(CARGO) test -p ferrolb-e2e --test journey
 
 ## bench-controller: the controller benchmark table (release build, brings up its own lab).
 bench-controller: deps k8s-bins
