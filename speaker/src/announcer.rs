@@ -138,33 +138,52 @@ impl Caches {
     }
 }
 
-/// The handovers after this pass: addresses newly ours (not in `before`) get one to the node
-/// that holds them when we are left out, if it is alive (the node we took them from); the
-/// others stay while the address is ours and that node lives.
+/// How long a handover outlives its previous announcer's speaker: the node may still forward
+/// (its speaker restarts, in an upgrade, say) and its connections in flight finish within this;
+/// if the node died with it, those connections were lost anyway.
+const HANDOVER_GRACE: Duration = Duration::from_secs(30);
+
+/// A handover and why it is kept.
+struct Kept {
+    previous_node: String,
+    since: std::time::Instant,
+    handover: Handover,
+}
+
+/// The handovers after this pass. An address newly ours (not in `before`) gets one to the node
+/// that announced it in the last pass (`last_all`) or, on our first pass, to the node that would
+/// announce it without us; if that node's speaker is alive or was a pass ago (it just left).
+/// A handover stays while the address is ours and that speaker lives, or for `HANDOVER_GRACE`.
+#[allow(clippy::too_many_arguments)]
 fn handovers(
     caches: &Caches,
     s: &Settings,
     alive: &BTreeSet<String>,
+    last_alive: &BTreeSet<String>,
+    last_all: &BTreeMap<IpAddr, String>,
     now_mine: &BTreeMap<IpAddr, Vec<String>>,
     before: &BTreeMap<IpAddr, Vec<String>>,
-    kept: &mut BTreeMap<IpAddr, (String, Handover)>,
+    kept: &mut BTreeMap<IpAddr, Kept>,
 ) {
-    kept.retain(|ip, (prev, _)| now_mine.contains_key(ip) && alive.contains(prev));
+    kept.retain(|ip, k| {
+        now_mine.contains_key(ip) && (alive.contains(&k.previous_node) || k.since.elapsed() < HANDOVER_GRACE)
+    });
     let newly: Vec<(&IpAddr, &Vec<String>)> = now_mine.iter().filter(|(ip, _)| !before.contains_key(*ip)).collect();
     if newly.is_empty() {
         return;
     }
-    let mut others = alive.clone();
-    others.remove(&s.node);
-    let without_me = caches.elect(s, &others);
+    let recent: BTreeSet<String> = alive.union(last_alive).filter(|n| **n != s.node).cloned().collect();
+    let without_me = if last_all.is_empty() { caches.elect(s, &recent) } else { BTreeMap::new() };
     for (ip, ifaces) in newly {
-        let Some(prev) = without_me.get(ip).map(|a| a.node.clone()) else { continue };
-        if prev == s.node || !alive.contains(&prev) {
-            continue;
-        }
+        let prev = match last_all.get(ip) {
+            Some(n) => Some(n.clone()),
+            None => without_me.get(ip).map(|a| a.node.clone()),
+        };
+        let Some(prev) = prev.filter(|p| *p != s.node && recent.contains(p)) else { continue };
         if let (Some(previous), Some(interface)) = (caches.node_ip(&prev, *ip), ifaces.first()) {
             tracing::info!(ip = %ip, from = %prev, "connections in flight go on to the previous announcer");
-            kept.insert(*ip, (prev, Handover { ip: *ip, previous, interface: interface.clone() }));
+            let handover = Handover { ip: *ip, previous, interface: interface.clone() };
+            kept.insert(*ip, Kept { previous_node: prev, since: std::time::Instant::now(), handover });
         }
     }
 }
@@ -220,6 +239,16 @@ pub async fn run(
         }
     });
 
+    // Elect only once we are in: alone, this speaker would win every address and answer for
+    // them beside their announcers until the membership caught up (a restart in an upgrade
+    // would move every address twice). Alone for real (no peer answers), it goes on.
+    if !caches.peers(&s).is_empty() {
+        let mut joined = members.alive.clone();
+        if tokio::time::timeout(Duration::from_secs(3), joined.wait_for(|a| a.len() > 1)).await.is_err() {
+            tracing::warn!("no peer answered within 3 s; electing alone");
+        }
+    }
+
     let (view_tx, view_rx) = tokio::sync::watch::channel(status::View::default());
     let status_task = tokio::spawn(status::run(
         client.clone(),
@@ -234,7 +263,10 @@ pub async fn run(
     let mut alive_rx = members.alive.clone();
     let mut shutdown = pin!(shutdown);
     let mut mine: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
-    let mut handed: BTreeMap<IpAddr, (String, Handover)> = BTreeMap::new();
+    let mut handed: BTreeMap<IpAddr, Kept> = BTreeMap::new();
+    // The last pass's view, for handovers: who announced each address, and who was alive.
+    let mut last_all: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let mut last_alive: BTreeSet<String> = BTreeSet::new();
     let nft = NftCommand::default();
     // When the change that this pass reacts to was seen; `None` on the first pass, whose
     // addresses are not a takeover.
@@ -242,6 +274,7 @@ pub async fn run(
     loop {
         let alive = alive_rx.borrow_and_update().clone();
         let all = caches.elect(&s, &alive);
+        let all_winners: BTreeMap<IpAddr, String> = all.iter().map(|(ip, a)| (*ip, a.node.clone())).collect();
         let mut view = status::View { alive: alive.clone(), ..Default::default() };
         let usable = usable_interfaces();
         let mut won: BTreeMap<IpAddr, Announcement> = BTreeMap::new();
@@ -283,8 +316,8 @@ pub async fn run(
         // Connections in flight through the node we take over from go on to it; in place
         // before the gratuitous packets move the clients.
         if let Some(tx) = &s.handovers {
-            handovers(&caches, &s, &alive, &now_mine, &mine, &mut handed);
-            let list: Vec<Handover> = handed.values().map(|(_, h)| h.clone()).collect();
+            handovers(&caches, &s, &alive, &last_alive, &last_all, &now_mine, &mine, &mut handed);
+            let list: Vec<Handover> = handed.values().map(|k| k.handover.clone()).collect();
             if *tx.borrow() != list {
                 for f in [Family::V4, Family::V6] {
                     if let Err(e) = nft.run(&handover::render(f, &list)).await {
@@ -337,6 +370,8 @@ pub async fn run(
             }
         }
         mine = now_mine;
+        last_all = all_winners;
+        last_alive = alive;
 
         tokio::select! {
             _ = caches.changed.notified() => woke = Some(std::time::Instant::now()),
@@ -344,6 +379,8 @@ pub async fn run(
                 if r.is_err() { anyhow::bail!("the membership stopped"); }
                 woke = Some(std::time::Instant::now());
             }
+            // Handovers of a gone speaker expire without any other change.
+            _ = tokio::time::sleep(Duration::from_secs(5)), if !handed.is_empty() => woke = None,
             _ = &mut shutdown => {
                 tracing::info!("leaving the membership");
                 members.leave().await;

@@ -154,23 +154,45 @@ fn external_ips(lab: &Lab) -> Result<Vec<String>> {
     Ok(ips)
 }
 
-fn upgrade(lab: &Lab) -> Result<()> {
-    let before = external_ips(lab)?;
-    let ip = before.first().context("no EXTERNAL-IP")?.clone();
+/// `helm upgrade --reuse-values --set <value>` under 100 req/s to the first EXTERNAL-IP for
+/// `seconds`: the load's report.
+fn upgrade_under_load(lab: &Lab, value: &str, seconds: u32) -> Result<Value> {
+    let ip = external_ips(lab)?.first().context("no EXTERNAL-IP")?.clone();
     let bin = lab.bin().to_string();
     let load = std::thread::spawn(move || {
-        ferrolb_e2e::run("ip", &["netns", "exec", "client", &bin, "load", &format!("http://{ip}/"), "--seconds", "25"])
+        let secs = seconds.to_string();
+        ferrolb_e2e::run("ip", &["netns", "exec", "client", &bin, "load", &format!("http://{ip}/"), "--seconds", &secs])
     });
     std::thread::sleep(Duration::from_secs(2));
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/chart");
-    helm(&["upgrade", "ferrolb", chart, "-n", NS, "--reuse-values", "--set", "controller.logLevel=debug", "--wait"])?;
-    let report: Value = serde_json::from_str(load.join().map_err(|_| anyhow::anyhow!("load panicked"))??.trim())?;
+    let upgraded = helm(&["upgrade", "ferrolb", chart, "-n", NS, "--reuse-values", "--set", value, "--wait"]);
+    let report = load.join().map_err(|_| anyhow::anyhow!("load panicked"))??;
+    upgraded?;
+    Ok(serde_json::from_str(report.trim())?)
+}
+
+fn upgrade(lab: &Lab) -> Result<()> {
+    let before = external_ips(lab)?;
+    // The controller's Deployment rolls.
+    let report = upgrade_under_load(lab, "controller.logLevel=debug", 25)?;
+    ensure!(external_ips(lab)? == before, "addresses changed in the controller's upgrade");
+    ensure!(report["failed"] == 0, "requests failed through the controller's upgrade: {report}");
+    println!(
+        "  upgrade, controller rolled: {} requests, 0 failed, longest gap {} ms",
+        report["requests"], report["max_gap_ms"]
+    );
+    // The speakers' DaemonSet rolls, one node at a time: each announcer hands its addresses
+    // over and takes them back.
+    let report = upgrade_under_load(lab, "speaker.logLevel=debug", 60)?;
     let after = external_ips(lab)?;
-    ensure!(before == after, "addresses changed in the upgrade: {before:?} -> {after:?}");
-    ensure!(report["failed"] == 0, "requests failed through the upgrade: {report}");
+    ensure!(after == before, "addresses changed in the speakers' upgrade: {before:?} -> {after:?}");
+    ensure!(report["failed"] == 0, "requests failed through the speakers' upgrade: {report}");
+    println!(
+        "  upgrade, speakers rolled: {} requests, 0 failed, longest gap {} ms, addresses kept {after:?}",
+        report["requests"], report["max_gap_ms"]
+    );
     let rev = helm(&["history", "ferrolb", "-n", NS, "-o", "json"])?;
-    println!("  upgrade (controller rolled): {} requests, 0 failed, addresses kept {after:?}", report["requests"]);
-    ensure!(rev.contains("\"revision\":2"), "no second revision: {rev}");
+    ensure!(rev.contains("\"revision\":3"), "no third revision: {rev}");
     Ok(())
 }
 
