@@ -244,22 +244,14 @@ struct OwnDaemonSet {
 
 impl OwnDaemonSet {
     fn watch(client: &kube::Client, namespace: &str, name: &str) -> Self {
-        use futures::StreamExt;
-        use kube::runtime::{WatchStreamExt, reflector, watcher};
         let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> = kube::Api::namespaced(client.clone(), namespace);
-        let (store, writer) = reflector::store();
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let stream = reflector::reflector(writer, watcher::watcher(api, cfg).default_backoff());
+        let cfg = kube::runtime::watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let store = ferrolb_speaker::watch::watch_with(api, cfg, Vec::new());
         let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = synced.clone();
+        let (flag, ready) = (synced.clone(), store.clone());
         tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Ok(watcher::Event::InitDone) => flag.store(true, std::sync::atomic::Ordering::Relaxed),
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(error = %e, "watching the speakers' DaemonSet"),
-                }
+            if ready.wait_until_ready().await.is_ok() {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         });
         OwnDaemonSet { store, synced }

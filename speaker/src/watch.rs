@@ -28,8 +28,17 @@ where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
+    watch_with(api, watcher::Config::default(), wake)
+}
+
+/// `watch` with a watcher configuration (a field selector, say).
+pub fn watch_with<K>(api: Api<K>, config: watcher::Config, wake: Vec<Arc<Notify>>) -> Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
     tokio::spawn(async move {
         let kind = K::kind(&K::DynamicType::default()).to_string();
         let mut stream = pin!(stream);

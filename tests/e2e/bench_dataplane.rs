@@ -238,23 +238,6 @@ fn histogram(metrics: &str, name: &str, label: &str) -> (f64, u64) {
     (sum, count)
 }
 
-/// Polls `f` every `every` until it returns `Ok(Some(v))` (`wait_for` polls every 250 ms, too
-/// coarse for the times measured here).
-fn poll<T>(what: &str, timeout: Duration, every: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => "condition not met".to_string(),
-            Err(e) => format!("{e:#}"),
-        };
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}: {last}");
-        }
-        std::thread::sleep(every);
-    }
-}
-
 fn fake_name(i: usize) -> String {
     format!("bench-{i:05}")
 }
@@ -415,7 +398,7 @@ impl Bench {
         peer.start()?;
         let want = format!("{last_ip} . tcp . 80 ");
         let what = format!("{}'s service-ips to hold {n} services", peer.name());
-        poll(&what, Duration::from_secs(600), Duration::from_millis(50), || {
+        ferrolb_e2e::wait_for_every(&what, Duration::from_secs(600), Duration::from_millis(50), || {
             let (count, text) = peer.service_ips()?;
             Ok((count > n && text.contains(&want)).then_some(()))
         })?;
@@ -435,11 +418,15 @@ impl Bench {
         peer.stop();
         let t0 = Instant::now();
         peer.start()?;
-        let (sum, count) =
-            poll("both families' full syncs", Duration::from_secs(600), Duration::from_millis(50), || {
+        let (sum, count) = ferrolb_e2e::wait_for_every(
+            "both families' full syncs",
+            Duration::from_secs(600),
+            Duration::from_millis(50),
+            || {
                 let (s, c) = peer.syncs(true)?;
                 Ok((c >= 2).then_some((s, c)))
-            })?;
+            },
+        )?;
         let wall = t0.elapsed().as_secs_f64();
         eprintln!("{} restart at {n}: {wall:.2} s, full syncs {sum:.3} s over {count}", peer.name());
         self.row("restart over its table -> full syncs done (wall)", n, "s", peer.kind, wall);
@@ -458,7 +445,7 @@ impl Bench {
     /// Waits until the peer's partial-sync count has not moved for 2 s (a thawed peer catches up).
     fn settle(peer: &Peer) -> Result<()> {
         let mut last = (peer.syncs(false)?.1, Instant::now());
-        poll("the peer to settle", Duration::from_secs(300), Duration::from_millis(250), || {
+        ferrolb_e2e::wait_for_every("the peer to settle", Duration::from_secs(300), Duration::from_millis(250), || {
             let c = peer.syncs(false)?.1;
             if c != last.0 {
                 last = (c, Instant::now());
@@ -485,7 +472,7 @@ impl Bench {
             let (s0, c0) = peer.syncs(false)?;
             let t0 = Instant::now();
             self.rt.block_on(slices.patch(&fake_name(i), &PatchParams::default(), &Patch::Merge(&patch)))?;
-            let (s1, c1) = poll(
+            let (s1, c1) = ferrolb_e2e::wait_for_every(
                 &format!("{} to sync {ip}", peer.name()),
                 Duration::from_secs(120),
                 Duration::from_millis(5),

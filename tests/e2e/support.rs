@@ -121,7 +121,17 @@ pub fn k8s_bin_dir() -> Result<PathBuf> {
 }
 
 /// Polls `f` until it returns `Ok(Some(v))`, or fails after `timeout` with the last word.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    wait_for_every(what, timeout, Duration::from_millis(250), f)
+}
+
+/// `wait_for`, polling every `every`.
+pub fn wait_for_every<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         let last = match f() {
@@ -132,7 +142,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<
         if Instant::now() > deadline {
             bail!("timed out after {timeout:?} waiting for {what}: {last}");
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(every);
     }
 }
 
