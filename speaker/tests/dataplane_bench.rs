@@ -13,7 +13,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 
 use ferrolb_speaker::dataplane::model::{Endpoint, Family, Mode, Model, PortModel, Protocol, ServiceKey, ServiceModel};
-use ferrolb_speaker::dataplane::render::{render_cleanup, render_full, render_partial};
+use ferrolb_speaker::dataplane::render::{
+    render_cleanup, render_create, render_create_table, render_full, render_partial,
+};
 
 fn v4(n: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(n))
@@ -25,8 +27,8 @@ fn service(s: u32, endpoints: u32) -> ServiceModel {
     let eps = (0..endpoints)
         .map(|e| Endpoint::ready(v4(base_ep + s * endpoints + e), 8080, &format!("node-{}", e % 3 + 1)))
         .collect();
-    // Node ports for the first 2,700 services only: the range has no more.
-    let node_port = if s < 2700 { u16::try_from(30000 + s).ok() } else { None };
+    // A node port for every tenth service, as in the lab benchmark.
+    let node_port = if s.is_multiple_of(10) { u16::try_from(30000 + s / 10).ok() } else { None };
     let port = PortModel { name: "http".into(), proto: Protocol::Tcp, port: 80, node_port, endpoints: eps };
     ServiceModel { cluster_ips: vec![v4(base_svc + s + 1)], ports: vec![port], ..ServiceModel::default() }
 }
@@ -70,10 +72,32 @@ fn sync_times() {
         let mut removed = m.clone();
         removed.services.remove(&key);
 
+        let t = std::time::Instant::now();
+        // What a speaker finding no table does (two `nft` runs there, one here).
+        let rendered = render_create_table(m.family) + &render_create(&m);
+        let took = t.elapsed();
+        rows.entry("render_full (Rust, no nft)".to_owned()).or_insert_with(Vec::new).push(took.as_millis().to_string());
+        let t = std::time::Instant::now();
+        let partial = render_partial(&m, &endpoint_moved);
+        let took = t.elapsed();
+        rows.entry("render_partial, one endpoint (Rust, no nft)".to_owned())
+            .or_insert_with(Vec::new)
+            .push(took.as_millis().to_string());
+        // The other family's table of the same (IPv4-only) services, as a dual-stack node has.
+        let mut v6 = m.clone();
+        v6.family = Family::V6;
+        v6.node_ips = vec!["2001:db8:1::11".parse().unwrap()];
+        v6.pod_cidrs = vec!["2001:db8:100::/64".parse().unwrap()];
+        let t = std::time::Instant::now();
+        let rendered_v6 = render_create_table(v6.family) + &render_create(&v6);
+        rows.entry("render_full, IPv6 table (Rust, no nft)".to_owned())
+            .or_insert_with(Vec::new)
+            .push(t.elapsed().as_millis().to_string());
         let steps = [
-            ("full", file(dir.path(), "full", &render_full(&m))),
-            ("full again (restart)", file(dir.path(), "refull", &render_full(&m))),
-            ("partial: one endpoint replaced", file(dir.path(), "p1", &render_partial(&m, &endpoint_moved).now)),
+            ("full: create the IPv6 table", file(dir.path(), "full6", &rendered_v6)),
+            ("full: create the table", file(dir.path(), "full", &rendered)),
+            ("full: replace the table (restart)", file(dir.path(), "refull", &render_full(&m))),
+            ("partial: one endpoint replaced", file(dir.path(), "p1", &partial.now)),
             ("partial: back", file(dir.path(), "p1b", &render_partial(&endpoint_moved, &m).now)),
             ("partial: service added", file(dir.path(), "p2", &render_partial(&m, &added).now)),
             ("partial: service removed", file(dir.path(), "p3", &render_partial(&added, &m).now)),

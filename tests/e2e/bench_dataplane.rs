@@ -10,9 +10,10 @@
 //! created. Then, per stage and per peer:
 //!
 //! 1. Cold start: tables deleted, process started; its own full-sync metric (both families) and
-//!    the wall time from start until its `service-ips` map holds every service.
+//!    the wall time from start until its `service-ips` map holds every service. The median of
+//!    3 (of 1 at 10,000 services).
 //! 2. Restart over the existing table: the full-sync metric and the wall time until both
-//!    families' full syncs are reported.
+//!    families' full syncs are reported. The median of 3 (of 1 at 10,000 services).
 //! 3. One-service update, several times: one endpoint address of one EndpointSlice replaced; the
 //!    time from the API write until the peer's partial-sync histogram counts the sync that
 //!    followed (polled every few ms; `nft monitor`, which would show the rule itself, takes too
@@ -22,7 +23,8 @@
 //! 5. First-packet latency: TCP connects from the peer's node to the ClusterIP of a real Service
 //!    (the demo's hostname pods), one new connection every 5 ms, p50 and p99.
 //!
-//! `BENCH_STAGES=10,1000` picks other stage sizes.
+//! `BENCH_STAGES=10,1000` picks other stage sizes; `BENCH_DUMP=DIR` saves each peer's IPv4
+//! table after its cold start (`nft list`), to compare what each one loads.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -341,6 +343,16 @@ async fn create_fakes(client: kube::Client, from: usize, to: usize) -> usize {
     errors.into_inner()
 }
 
+/// Cold starts and restarts per size: 3 (the median is reported), one at 10,000 services where
+/// kube-proxy takes minutes per round.
+fn repeats(n: usize) -> usize {
+    if n >= 10_000 { 1 } else { 3 }
+}
+
+fn median(v: &[f64]) -> f64 {
+    pct(v, 0.5)
+}
+
 fn pct(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -392,6 +404,19 @@ impl Bench {
     /// Cold start: tables gone, process started; wall time until `service-ips` holds all `n`
     /// fake services (the last one's cluster IP among them) and the full-sync metric.
     fn cold_start(&mut self, peer: &mut Peer, n: usize, last_ip: &str) -> Result<()> {
+        let (mut walls, mut sums) = (Vec::new(), Vec::new());
+        for _ in 0..repeats(n) {
+            let (wall, sum) = self.cold_start_once(peer, n, last_ip)?;
+            walls.push(wall);
+            sums.push(sum);
+        }
+        self.row("cold start -> all services in the table (wall)", n, "s", peer.kind, median(&walls));
+        self.row("full sync, cold start (own metric, both families)", n, "s", peer.kind, median(&sums));
+        Ok(())
+    }
+
+    /// One cold start: (wall time to the table, sum of the full-sync metric).
+    fn cold_start_once(&mut self, peer: &mut Peer, n: usize, last_ip: &str) -> Result<(f64, f64)> {
         peer.stop();
         peer.delete_tables();
         let t0 = Instant::now();
@@ -403,18 +428,34 @@ impl Bench {
             Ok((count > n && text.contains(&want)).then_some(()))
         })?;
         let wall = t0.elapsed().as_secs_f64();
+        if let Ok(dir) = std::env::var("BENCH_DUMP") {
+            // The peer's IPv4 table as `nft list` prints it, to study what each one loads.
+            let out = output("ip", &["netns", "exec", &peer.host(), "nft", "list", "table", "ip", peer.table()])?;
+            std::fs::write(format!("{dir}/{}-{n}.nft", peer.name()), &out.stdout)?;
+        }
         let (sum, count) = wait_for("both families' full syncs", Duration::from_secs(120), || {
             let (s, c) = peer.syncs(true)?;
             Ok((c >= 2).then_some((s, c)))
         })?;
         eprintln!("{} cold start at {n}: {wall:.2} s to the table, full syncs {sum:.3} s over {count}", peer.name());
-        self.row("cold start -> all services in the table (wall)", n, "s", peer.kind, wall);
-        self.row("full sync, cold start (own metric, both families)", n, "s", peer.kind, sum);
-        Ok(())
+        Ok((wall, sum))
     }
 
     /// Restart over the existing table: the full-sync metric and start -> both reported.
     fn warm_restart(&mut self, peer: &mut Peer, n: usize) -> Result<()> {
+        let (mut walls, mut sums) = (Vec::new(), Vec::new());
+        for _ in 0..repeats(n) {
+            let (wall, sum) = Self::warm_restart_once(peer, n)?;
+            walls.push(wall);
+            sums.push(sum);
+        }
+        self.row("restart over its table -> full syncs done (wall)", n, "s", peer.kind, median(&walls));
+        self.row("full sync over the existing table (own metric)", n, "s", peer.kind, median(&sums));
+        Ok(())
+    }
+
+    /// One restart: (wall time until both full syncs are reported, their sum).
+    fn warm_restart_once(peer: &mut Peer, n: usize) -> Result<(f64, f64)> {
         peer.stop();
         let t0 = Instant::now();
         peer.start()?;
@@ -429,9 +470,7 @@ impl Bench {
         )?;
         let wall = t0.elapsed().as_secs_f64();
         eprintln!("{} restart at {n}: {wall:.2} s, full syncs {sum:.3} s over {count}", peer.name());
-        self.row("restart over its table -> full syncs done (wall)", n, "s", peer.kind, wall);
-        self.row("full sync over the existing table (own metric)", n, "s", peer.kind, sum);
-        Ok(())
+        Ok((wall, sum))
     }
 
     /// One endpoint of one slice replaced, `UPDATES` times, while `other` is frozen.

