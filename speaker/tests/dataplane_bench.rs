@@ -72,32 +72,28 @@ fn sync_times() {
         let mut removed = m.clone();
         removed.services.remove(&key);
 
-        let t = std::time::Instant::now();
+        // Rust rendering alone, timed.
+        let mut timed = |row: &str, render: &dyn Fn() -> String| {
+            let t = std::time::Instant::now();
+            let text = render();
+            rows.entry(row.to_owned()).or_insert_with(Vec::new).push(t.elapsed().as_millis().to_string());
+            text
+        };
         // What a speaker finding no table does (two `nft` runs there, one here).
-        let rendered = render_create_table(m.family) + &render_create(&m);
-        let took = t.elapsed();
-        rows.entry("render_full (Rust, no nft)".to_owned()).or_insert_with(Vec::new).push(took.as_millis().to_string());
-        let t = std::time::Instant::now();
-        let partial = render_partial(&m, &endpoint_moved);
-        let took = t.elapsed();
-        rows.entry("render_partial, one endpoint (Rust, no nft)".to_owned())
-            .or_insert_with(Vec::new)
-            .push(took.as_millis().to_string());
+        let rendered = timed("render_full (Rust, no nft)", &|| render_create_table(m.family) + &render_create(&m));
+        let partial = timed("render_partial, one endpoint (Rust, no nft)", &|| render_partial(&m, &endpoint_moved).now);
         // The other family's table of the same (IPv4-only) services, as a dual-stack node has.
         let mut v6 = m.clone();
         v6.family = Family::V6;
         v6.node_ips = vec!["2001:db8:1::11".parse().unwrap()];
         v6.pod_cidrs = vec!["2001:db8:100::/64".parse().unwrap()];
-        let t = std::time::Instant::now();
-        let rendered_v6 = render_create_table(v6.family) + &render_create(&v6);
-        rows.entry("render_full, IPv6 table (Rust, no nft)".to_owned())
-            .or_insert_with(Vec::new)
-            .push(t.elapsed().as_millis().to_string());
+        let rendered_v6 =
+            timed("render_full, IPv6 table (Rust, no nft)", &|| render_create_table(v6.family) + &render_create(&v6));
         let steps = [
             ("full: create the IPv6 table", file(dir.path(), "full6", &rendered_v6)),
             ("full: create the table", file(dir.path(), "full", &rendered)),
             ("full: replace the table (restart)", file(dir.path(), "refull", &render_full(&m))),
-            ("partial: one endpoint replaced", file(dir.path(), "p1", &partial.now)),
+            ("partial: one endpoint replaced", file(dir.path(), "p1", &partial)),
             ("partial: back", file(dir.path(), "p1b", &render_partial(&endpoint_moved, &m).now)),
             ("partial: service added", file(dir.path(), "p2", &render_partial(&m, &added).now)),
             ("partial: service removed", file(dir.path(), "p3", &render_partial(&added, &m).now)),

@@ -343,14 +343,16 @@ async fn create_fakes(client: kube::Client, from: usize, to: usize) -> usize {
     errors.into_inner()
 }
 
-/// Cold starts and restarts per size: 3 (the median is reported), one at 10,000 services where
-/// kube-proxy takes minutes per round.
-fn repeats(n: usize) -> usize {
-    if n >= 10_000 { 1 } else { 3 }
-}
-
-fn median(v: &[f64]) -> f64 {
-    pct(v, 0.5)
+/// Runs a measurement of two figures 3 times (once at 10,000 services, where kube-proxy takes
+/// minutes per round) and gives the median of each.
+fn medians(n: usize, mut once: impl FnMut() -> Result<(f64, f64)>) -> Result<(f64, f64)> {
+    let (mut firsts, mut seconds) = (Vec::new(), Vec::new());
+    for _ in 0..if n >= 10_000 { 1 } else { 3 } {
+        let (a, b) = once()?;
+        firsts.push(a);
+        seconds.push(b);
+    }
+    Ok((pct(&firsts, 0.5), pct(&seconds, 0.5)))
 }
 
 fn pct(v: &[f64], p: f64) -> f64 {
@@ -404,19 +406,14 @@ impl Bench {
     /// Cold start: tables gone, process started; wall time until `service-ips` holds all `n`
     /// fake services (the last one's cluster IP among them) and the full-sync metric.
     fn cold_start(&mut self, peer: &mut Peer, n: usize, last_ip: &str) -> Result<()> {
-        let (mut walls, mut sums) = (Vec::new(), Vec::new());
-        for _ in 0..repeats(n) {
-            let (wall, sum) = self.cold_start_once(peer, n, last_ip)?;
-            walls.push(wall);
-            sums.push(sum);
-        }
-        self.row("cold start -> all services in the table (wall)", n, "s", peer.kind, median(&walls));
-        self.row("full sync, cold start (own metric, both families)", n, "s", peer.kind, median(&sums));
+        let (wall, sum) = medians(n, || self.cold_start_once(peer, n, last_ip))?;
+        self.row("cold start -> all services in the table (wall)", n, "s", peer.kind, wall);
+        self.row("full sync, cold start (own metric, both families)", n, "s", peer.kind, sum);
         Ok(())
     }
 
     /// One cold start: (wall time to the table, sum of the full-sync metric).
-    fn cold_start_once(&mut self, peer: &mut Peer, n: usize, last_ip: &str) -> Result<(f64, f64)> {
+    fn cold_start_once(&self, peer: &mut Peer, n: usize, last_ip: &str) -> Result<(f64, f64)> {
         peer.stop();
         peer.delete_tables();
         let t0 = Instant::now();
@@ -443,14 +440,9 @@ impl Bench {
 
     /// Restart over the existing table: the full-sync metric and start -> both reported.
     fn warm_restart(&mut self, peer: &mut Peer, n: usize) -> Result<()> {
-        let (mut walls, mut sums) = (Vec::new(), Vec::new());
-        for _ in 0..repeats(n) {
-            let (wall, sum) = Self::warm_restart_once(peer, n)?;
-            walls.push(wall);
-            sums.push(sum);
-        }
-        self.row("restart over its table -> full syncs done (wall)", n, "s", peer.kind, median(&walls));
-        self.row("full sync over the existing table (own metric)", n, "s", peer.kind, median(&sums));
+        let (wall, sum) = medians(n, || Self::warm_restart_once(peer, n))?;
+        self.row("restart over its table -> full syncs done (wall)", n, "s", peer.kind, wall);
+        self.row("full sync over the existing table (own metric)", n, "s", peer.kind, sum);
         Ok(())
     }
 

@@ -119,9 +119,8 @@ fn render_table(model: &Model, replace: bool) -> String {
     out.push_str("\n# sets and maps (verdict maps are filled at the end)\n");
     let sets = global_sets(model, &f);
     for (name, spec) in &sets {
-        let none = Vec::new();
-        let (kind, list) =
-            if spec.contains(": verdict") { ("map", &none) } else { ("set", lists.get(name).unwrap_or(&none)) };
+        let kind = set_kind(spec);
+        let list = if kind == "set" { lists.get(name).map_or(&[][..], Vec::as_slice) } else { &[] };
         declare(&mut out, &t, kind, name, spec, list);
     }
     for (name, spec) in &services.sets {
@@ -148,7 +147,7 @@ fn render_table(model: &Model, replace: bool) -> String {
     }
 
     out.push_str("\n# verdict map elements\n");
-    for (name, spec) in sets.iter().filter(|(_, spec)| spec.contains(": verdict")) {
+    for (name, spec) in sets.iter().filter(|(_, spec)| set_kind(spec) == "map") {
         set_block(&mut out, &t, "map", name, spec, lists.get(name).map_or(&[][..], Vec::as_slice));
     }
     out
@@ -211,23 +210,22 @@ pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
             build_service(model, key, svc, None, elements, buckets, slots);
         }
     }
-    // A service changed, or one whose endpoints moved to other keys (another one took its range).
-    let moved = |key: &ServiceKey| {
-        let prefix = format!("{key}/");
-        let slots_of = |s: &Slots| -> Vec<(String, Slot)> {
-            s.placed
-                .range(prefix.clone()..)
-                .take_while(|(id, _)| id.starts_with(&prefix))
-                .map(|(id, slot)| (id.clone(), slot.clone()))
-                .collect()
-        };
-        slots_of(&old_slots) != slots_of(&new_slots)
-    };
+    // A service changed, or one whose endpoints moved to other keys (another one took its range):
+    // ids are `namespace/name/port/protocol`.
+    let moved: BTreeSet<&str> = old_slots
+        .placed
+        .iter()
+        .filter(|(id, slot)| new_slots.placed.get(*id).is_some_and(|s| s != *slot))
+        .filter_map(|(id, _)| id.rsplitn(3, '/').nth(2))
+        .collect();
     let changed: BTreeSet<&ServiceKey> = prev
         .services
         .keys()
         .chain(next.services.keys())
-        .filter(|k| prev.services.get(*k) != next.services.get(*k) || moved(k))
+        .filter(|k| {
+            prev.services.get(*k) != next.services.get(*k)
+                || (!moved.is_empty() && moved.contains(k.to_string().as_str()))
+        })
         .collect();
     let (mut old, mut new) = (Objects::default(), Objects::default());
     for (model, objects, slots) in [(prev, &mut old, &mut old_slots), (next, &mut new, &mut new_slots)] {
@@ -291,21 +289,20 @@ pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
     }
     for (map, elements) in added {
         let spec = spec_of(map).unwrap_or_default();
-        let kind = if spec.contains(": verdict") { "map" } else { "set" };
-        set_block(&mut body, &t, kind, map, spec, &elements);
+        set_block(&mut body, &t, set_kind(spec), map, spec, &elements);
     }
 
     // An endpoint map that changed is emptied and filled again (a flush needs no cache, element
     // deletions would); one emptied for good is left for the cleanup.
     let mut stale_sets: Vec<String> = old.sets.keys().filter(|n| !new.sets.contains_key(*n)).cloned().collect();
-    let mut declare = new.buckets.clone();
+    let mut declare_maps = new.buckets.clone();
     let names: BTreeSet<&String> = old_buckets.keys().chain(new_buckets.keys()).collect();
     for name in names {
         let (before, after) = (old_buckets.get(name), new_buckets.get(name));
         if before == after {
             continue;
         }
-        declare.insert(name.clone());
+        declare_maps.insert(name.clone());
         if before.is_some() {
             line(&mut body, format_args!("flush map {t} {name}"));
         }
@@ -324,14 +321,13 @@ pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
     // kernel's sets. Re-adding an existing set with the same specification changes nothing.
     let mut now = String::new();
     for (name, spec) in &sets {
-        let kind = if spec.contains(": verdict") { "map" } else { "set" };
-        line(&mut now, format_args!("add {kind} {t} {name} {{ {spec} }}"));
+        declare(&mut now, &t, set_kind(spec), name, spec, &[]);
     }
     for (name, spec) in &new.sets {
-        line(&mut now, format_args!("add set {t} {name} {{ {spec} }}"));
+        declare(&mut now, &t, "set", name, spec, &[]);
     }
-    for name in &declare {
-        line(&mut now, format_args!("add map {t} {name} {{ {} }}", f.endpoint_map_spec(name)));
+    for name in &declare_maps {
+        declare(&mut now, &t, "map", name, &f.endpoint_map_spec(name), &[]);
     }
     now.push_str(&body);
     PartialSync { now, full: false, stale_chains, stale_sets, stale_hairpin }
@@ -464,12 +460,7 @@ fn add_chain(out: &mut String, f: &Fam, name: &str, comment: &str) {
 
 /// A chain and its rules in one command: `nft` needs no cache to add it.
 fn chain_block(out: &mut String, f: &Fam, name: &str, chain: &Chain) {
-    let t = f.table();
-    let _ = write!(out, "add chain {t} {name} {{ comment \"{}\" ;", chain.comment);
-    for rule in &chain.rules {
-        let _ = write!(out, " {rule} ;");
-    }
-    out.push_str(" }\n");
+    chain_with_rules(out, &f.table(), name, &format!("comment \"{}\" ;", chain.comment), &chain.rules);
 }
 
 /// A chain with its specification (`type … ;`, empty for a regular chain) and rules in one
@@ -487,6 +478,11 @@ fn chain_with_rules(out: &mut String, t: &str, name: &str, spec: &str, rules: &[
         let _ = write!(out, " {rule} ;");
     }
     out.push_str(" }\n");
+}
+
+/// `map` for a verdict map's specification, `set` otherwise.
+fn set_kind(spec: &str) -> &'static str {
+    if spec.contains(": verdict") { "map" } else { "set" }
 }
 
 /// A set or map declared with its elements (if any).
