@@ -6,7 +6,7 @@ export FERROLB_K8S_BIN_DIR ?=
 
 DEB_PACKAGES := nftables iproute2 iputils-arping ndisc6 tcpdump curl openssl procps ca-certificates util-linux python3 conntrack
 
-.PHONY: all deps k8s-bins build lab lab-down test lint fmt bench-controller bench-speaker bench-dataplane manifests
+.PHONY: all deps k8s-bins build lab lab-down test lint fmt fuzz churn bench-controller bench-speaker bench-dataplane manifests
 
 all: build
 
@@ -43,6 +43,9 @@ test: deps k8s-bins lint build
 	$(CARGO) test -p ferrolb-e2e --test controller
 	$(CARGO) test -p ferrolb-e2e --test speaker
 	$(CARGO) test -p ferrolb-e2e --test dataplane
+	$(CARGO) test -p ferrolb-e2e --test addresses
+	$(CARGO) test -p ferrolb-e2e --test bounded
+	$(CARGO) test -p ferrolb-e2e --test tenant
 	$(CARGO) test -p ferrolb-e2e --test journey
 
 ## bench-controller: the controller benchmark table (release build, brings up its own lab).
@@ -63,6 +66,15 @@ bench-speaker: deps k8s-bins
 bench-dataplane: deps k8s-bins
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p ferrolb-e2e --bench dataplane
+
+## fuzz: the data plane property test against real nftables with many more cases (FERROLB_FUZZ_CASES, default 100,000); prints the count and every class of refusal found.
+FERROLB_FUZZ_CASES ?= 100000
+fuzz: deps
+	FERROLB_FUZZ_CASES=$(FERROLB_FUZZ_CASES) $(CARGO) test --release -p ferrolb-speaker --test render_props -- --nocapture
+
+## churn: the tenant lab suite with its Service patched every second for 10 minutes (kernel objects and memory printed).
+churn: deps k8s-bins build
+	FERROLB_CHURN_SECS=600 $(CARGO) test -p ferrolb-e2e --test tenant
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -50,6 +50,12 @@ pub const ALLOW_SHARED_IP: ServiceAnnotation = ServiceAnnotation {
     metallb_names: ["metallb.io/allow-shared-ip", "metallb.universe.tf/allow-shared-ip"],
 };
 
+/// The other namespaces a Service shares its `allow-shared-ip` address with, comma separated, or
+/// `*` for any. Sharing crosses namespaces only when both Services name each other's namespace
+/// (as Cilium LB-IPAM's `lbipam.cilium.io/sharing-cross-namespace`): a sharing key alone never
+/// lets another tenant onto an address. ferrolb's own; MetalLB has no such annotation.
+pub const ALLOW_SHARED_IP_NAMESPACES: &str = "ferrolb.io/allow-shared-ip-namespaces";
+
 /// Written by the controller on a service: the pool its addresses came from.
 pub const IP_ALLOCATED_FROM_POOL: &str = "ferrolb.io/ip-allocated-from-pool";
 

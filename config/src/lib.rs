@@ -13,6 +13,9 @@
 //!                                 +------> Advertisement -- applies_to_node(node labels)
 //! ```
 //!
+//! Also the few readings of Kubernetes objects every component must share: [`ServiceKey`], the
+//! endpoint conditions' defaults ([`EndpointState`]) and a Node's [`internal_ips`].
+//!
 //! Pure: no I/O and no Kubernetes client, so every rule is tested with plain values. A bad pool is
 //! rejected alone, with errors a user can act on; the others keep working. When two pools overlap,
 //! the older keeps its addresses and the newer is rejected, so adding a pool can never take
@@ -21,16 +24,22 @@
 
 mod advertisement;
 mod class;
+mod endpoint;
 mod error;
 mod family;
+mod node;
 mod pool;
 mod range;
 mod selector;
+mod service_key;
 
 pub use advertisement::{Advertisement, build_advertisements};
 pub use class::ClassPolicy;
+pub use endpoint::EndpointState;
 pub use error::ConfigError;
 pub use family::Family;
+pub use node::{internal_ip_like, internal_ips};
 pub use pool::{Pool, PoolInput, Pools, ServiceAllocation, build_pools};
 pub use range::AddressRange;
 pub use selector::Selector;
+pub use service_key::ServiceKey;

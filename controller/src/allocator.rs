@@ -18,18 +18,8 @@ use std::net::IpAddr;
 use ferrolb_config::{Family, Pool, Pools};
 use thiserror::Error;
 
-/// A Service, by namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ServiceKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl std::fmt::Display for ServiceKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
+/// A Service, by namespace and name: the one key type shared with the speaker.
+pub use ferrolb_config::ServiceKey;
 
 /// A transport protocol and port a service exposes (for IP sharing).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -59,6 +49,9 @@ pub struct Request {
     pub pool: Option<String>,
     /// The `allow-shared-ip` key, if any.
     pub sharing_key: Option<String>,
+    /// Other namespaces whose Services may share with this one (`allow-shared-ip-namespaces`;
+    /// `*`: any). Empty: only Services of its own namespace.
+    pub shared_namespaces: BTreeSet<String>,
     pub ports: BTreeSet<PortKey>,
     /// `externalTrafficPolicy: Local`: sharing then needs the same selector.
     pub local: bool,
@@ -77,6 +70,7 @@ impl Request {
             ips: vec![],
             pool: None,
             sharing_key: None,
+            shared_namespaces: BTreeSet::new(),
             ports: [PortKey { protocol: "TCP".into(), port: 80 }].into(),
             local: false,
             selector: BTreeMap::new(),
@@ -101,6 +95,9 @@ pub struct Allocation {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Sharing {
     key: Option<String>,
+    /// The Service's own namespace, and the others it opts in to share with.
+    namespace: String,
+    namespaces: BTreeSet<String>,
     ports: BTreeSet<PortKey>,
     local: bool,
     selector: BTreeMap<String, String>,
@@ -108,7 +105,19 @@ struct Sharing {
 
 impl Sharing {
     fn of(r: &Request) -> Self {
-        Sharing { key: r.sharing_key.clone(), ports: r.ports.clone(), local: r.local, selector: r.selector.clone() }
+        Sharing {
+            key: r.sharing_key.clone(),
+            namespace: r.key.namespace.clone(),
+            namespaces: r.shared_namespaces.clone(),
+            ports: r.ports.clone(),
+            local: r.local,
+            selector: r.selector.clone(),
+        }
+    }
+
+    /// Whether this side lets Services of `namespace` share with it.
+    fn admits(&self, namespace: &str) -> bool {
+        self.namespace == namespace || self.namespaces.contains("*") || self.namespaces.contains(namespace)
     }
 
     /// `Ok` when `self` may share an address with `other`; else why not.
@@ -117,6 +126,10 @@ impl Sharing {
             (Some(a), Some(b)) if a == b => {}
             (None, _) | (_, None) => return Err(SharingConflict::NoKey),
             _ => return Err(SharingConflict::KeyDiffers),
+        }
+        // A sharing key is no secret: across namespaces, both sides must opt in.
+        if !self.admits(&other.namespace) || !other.admits(&self.namespace) {
+            return Err(SharingConflict::Namespace { mine: self.namespace.clone(), other: other.namespace.clone() });
         }
         if let Some(p) = self.ports.intersection(&other.ports).next() {
             return Err(SharingConflict::Port(p.clone()));
@@ -134,6 +147,11 @@ pub enum SharingConflict {
     KeyDiffers,
     Port(PortKey),
     Selector,
+    /// Different namespaces, and not both opted in to share with the other's.
+    Namespace {
+        mine: String,
+        other: String,
+    },
 }
 
 impl std::fmt::Display for SharingConflict {
@@ -145,6 +163,12 @@ impl std::fmt::Display for SharingConflict {
             SharingConflict::Selector => {
                 write!(f, "with externalTrafficPolicy: Local both services need the same pod selector")
             }
+            SharingConflict::Namespace { mine, other } => write!(
+                f,
+                "it is in namespace {other:?} and this one in {mine:?}: across namespaces both services must \
+                 name the other's namespace (or \"*\") in {}",
+                ferrolb_api::annotations::ALLOW_SHARED_IP_NAMESPACES
+            ),
         }
     }
 }
@@ -300,15 +324,23 @@ impl Allocator {
     }
 
     /// Whether what `key` holds still satisfies `req` (then nothing needs to move).
-    pub fn satisfies(&self, req: &Request) -> bool {
+    ///
+    /// When the sharing terms changed (ports, key, opted-in namespaces…) and still hold against
+    /// the other holders, they are recorded: later services are checked against what the
+    /// Service says now, not what it said when it got its address.
+    pub fn satisfies(&mut self, req: &Request) -> bool {
         let Some(a) = self.allocations.get(&req.key) else { return false };
-        if Sharing::of(req) != a.sharing {
+        let sharing = Sharing::of(req);
+        if sharing != a.sharing {
             // Sharing terms changed: re-check against the other holders.
-            let sharing = Sharing::of(req);
             if a.ips.iter().any(|ip| self.check_free(*ip, &req.key, &sharing).is_err()) {
                 return false;
             }
+            if let Some(a) = self.allocations.get_mut(&req.key) {
+                a.sharing = sharing;
+            }
         }
+        let Some(a) = self.allocations.get(&req.key) else { return false };
         if !req.ips.is_empty() && req.ips.iter().any(|ip| !a.ips.contains(ip)) {
             return false;
         }
@@ -544,6 +576,7 @@ fn order(mut ips: Vec<IpAddr>, wanted: &[Family]) -> Vec<IpAddr> {
 mod tests {
     use super::*;
     use ferrolb_api::IPAddressPoolSpec;
+    use ferrolb_api::annotations::ALLOW_SHARED_IP_NAMESPACES as ALLOW_NS;
     use ferrolb_config::{PoolInput, build_pools};
     use proptest::prelude::*;
 
@@ -614,6 +647,51 @@ mod tests {
         r.ips = vec![];
         r.pool = Some("nope".into());
         assert_eq!(a.allocate(&r).unwrap_err(), AllocError::UnknownPool { pool: "nope".into() });
+    }
+
+    #[test]
+    fn sharing_stays_within_a_namespace_unless_both_opt_in() {
+        let p = pools(&[("lan", &["192.0.2.200-192.0.2.250"], true)]);
+        let mut a = Allocator::new(&p);
+        let mut web = Request::ipv4_default("a", "web");
+        web.sharing_key = Some("k".into());
+        let first = a.allocate(&web).unwrap().ips.clone();
+        let udp = |ns: &str, name: &str| {
+            let mut r = Request::ipv4_default(ns, name);
+            r.sharing_key = Some("k".into());
+            r.ports = [PortKey { protocol: "UDP".into(), port: 53 }].into();
+            r
+        };
+
+        // Another tenant who knows the key gets an address of its own, and is refused A's.
+        let mut thief = udp("b", "dns");
+        assert_ne!(a.allocate(&thief).unwrap().ips, first);
+        thief.ips = first.clone();
+        let e = a.allocate(&thief).unwrap_err();
+        assert!(matches!(e, AllocError::SharingConflict { .. }), "{e:?}");
+        assert!(e.to_string().contains("in namespace \"a\"") && e.to_string().contains(ALLOW_NS), "{e}");
+
+        // Opting in on one side is not enough.
+        thief.shared_namespaces = ["a".to_string()].into();
+        assert!(a.allocate(&thief).is_err(), "A did not name b");
+        // Both sides: shared. `*` counts as any namespace.
+        web.shared_namespaces = ["c".to_string(), "b".to_string()].into();
+        // As the reconciler does on a change: nothing moves, and the new terms count from now on.
+        assert!(a.satisfies(&web));
+        assert_eq!(a.allocate(&thief).unwrap().ips, first);
+        let mut any = udp("c", "any");
+        any.ports = [PortKey { protocol: "UDP".into(), port: 5353 }].into();
+        any.shared_namespaces = ["*".to_string()].into();
+        any.ips = first.clone();
+        // b/dns did not name c: it holds the address too, so c is still refused.
+        assert!(a.allocate(&any).is_err());
+        thief.shared_namespaces = ["*".to_string()].into();
+        a.allocate(&thief).unwrap();
+        assert_eq!(a.allocate(&any).unwrap().ips, first);
+        // Every holder must admit a newcomer: a/other (no opt-in) cannot join b's and c's address.
+        let mut same = udp("a", "other");
+        same.ports = [PortKey { protocol: "UDP".into(), port: 54 }].into();
+        assert_ne!(a.allocate(&same).unwrap().ips, first);
     }
 
     #[test]
@@ -761,8 +839,20 @@ mod tests {
         ]
     }
 
+    /// Services 0, 3, 6, 9 live in namespace `b`, the others in `default`; those of `b` with even
+    /// numbers opt in to share with `default`, and `default/s4` with any namespace.
+    fn key_of(svc: u8) -> ServiceKey {
+        ServiceKey::new(if svc.is_multiple_of(3) { "b" } else { "default" }, format!("s{svc}"))
+    }
+
     fn request_for(svc: u8, key: Option<u8>, port: u16, ip_: Option<u8>, pool: Option<u8>) -> Request {
         let mut r = req(&format!("s{svc}"));
+        r.key = key_of(svc);
+        r.shared_namespaces = match svc {
+            0 | 6 => ["default".to_string()].into(),
+            4 => ["*".to_string()].into(),
+            _ => BTreeSet::new(),
+        };
         r.sharing_key = key.map(|k| format!("k{k}"));
         r.ports = [PortKey { protocol: "TCP".into(), port: i32::from(port) }].into();
         r.ips = ip_.map(|i| ip(&format!("192.0.2.{}", 200 + i))).into_iter().collect();
@@ -796,7 +886,7 @@ mod tests {
                         }
                     }
                     Op::Release { svc } => {
-                        let key = req(&format!("s{svc}")).key;
+                        let key = key_of(svc);
                         let held = a.get(&key).map(|x| x.ips.clone()).unwrap_or_default();
                         a.release(&key);
                         reqs.remove(&key);

@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use crate::apply::{Applier, MANAGER};
-use crate::metrics::{Metrics, PoolLabel};
+use crate::metrics::Metrics;
 use crate::reconcile::Reconciler;
 use crate::service::ClassPolicy;
 
@@ -270,12 +270,10 @@ async fn update_pools(
 ) {
     let usage = rec.allocator().usage();
     metrics.services_allocated.set(rec.allocator().allocations().count() as i64);
-    for (name, u) in &usage {
-        let label = PoolLabel { pool: name.clone() };
-        let total = u.in_use_v4 + u.in_use_v6 + u.available_v4 + u.available_v6;
-        metrics.addresses.get_or_create(&label).set(i64::try_from(total).unwrap_or(i64::MAX));
-        metrics.addresses_in_use.get_or_create(&label).set(i64::try_from(u.in_use_v4 + u.in_use_v6).unwrap_or(0));
-    }
+    metrics.set_pool_usage(&usage);
+    // What was last written or told of a pool that is gone is forgotten with it.
+    last.retain(|name, _| objects.iter().any(|o| o.name_any() == *name));
+    told.retain(|name, _| objects.iter().any(|o| o.name_any() == *name));
     let api: Api<IPAddressPool> = Api::namespaced(client.clone(), &s.namespace);
     for obj in objects {
         let name = obj.name_any();

@@ -1,5 +1,7 @@
 //! The controller's metrics (`/metrics`, Prometheus text format) and health endpoints.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -28,6 +30,8 @@ pub struct Metrics {
     pub is_leader: Gauge,
     /// The caches have synced: `/readyz` answers 200.
     pub ready: AtomicBool,
+    /// The pools the per-pool gauges were last set for, so a deleted pool's are dropped.
+    pools: Mutex<BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -56,6 +60,7 @@ impl Default for Metrics {
             reconcile_errors,
             is_leader,
             ready: AtomicBool::new(false),
+            pools: Mutex::default(),
         }
     }
 }
@@ -65,6 +70,23 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Sets the per-pool gauges to `usage`, and removes those of pools no longer in it.
+    pub fn set_pool_usage(&self, usage: &BTreeMap<String, crate::allocator::PoolUsage>) {
+        let mut reported = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        for gone in reported.iter().filter(|p| !usage.contains_key(*p)) {
+            let label = PoolLabel { pool: gone.clone() };
+            self.addresses.remove(&label);
+            self.addresses_in_use.remove(&label);
+        }
+        for (name, u) in usage {
+            let label = PoolLabel { pool: name.clone() };
+            let total = u.in_use_v4 + u.in_use_v6 + u.available_v4 + u.available_v6;
+            self.addresses.get_or_create(&label).set(i64::try_from(total).unwrap_or(i64::MAX));
+            self.addresses_in_use.get_or_create(&label).set(i64::try_from(u.in_use_v4 + u.in_use_v6).unwrap_or(0));
+        }
+        *reported = usage.keys().cloned().collect();
     }
 
     pub fn error(&self, kind: &str) {
@@ -79,5 +101,23 @@ impl ferrolb_telemetry::Telemetry for Metrics {
 
     fn ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allocator::PoolUsage;
+
+    #[test]
+    fn a_deleted_pools_gauges_go_with_it() {
+        let m = Metrics::default();
+        let used = PoolUsage { in_use_v4: 1, available_v4: 9, ..Default::default() };
+        m.set_pool_usage(&[("lan".to_string(), used), ("old".to_string(), used)].into());
+        assert!(m.encode().contains("pool=\"old\""));
+        m.set_pool_usage(&[("lan".to_string(), used)].into());
+        let text = m.encode();
+        assert!(text.contains("ferrolb_allocator_addresses_total{pool=\"lan\"} 10"), "{text}");
+        assert!(!text.contains("pool=\"old\""), "{text}");
     }
 }

@@ -55,6 +55,14 @@ impl Reconciler {
         &self.alloc
     }
 
+    /// How many entries the per-service memory holds, over every map (allocations, the
+    /// allocator's holders of each address, what was told): bounded by the Services of ours.
+    pub fn remembered(&self) -> usize {
+        let ips: BTreeSet<IpAddr> = self.alloc.allocations().flat_map(|(_, a)| a.ips.iter().copied()).collect();
+        let holders: usize = ips.iter().map(|ip| self.alloc.holders(*ip).count()).sum();
+        self.alloc.allocations().count() + holders + self.told.len() + self.orphans_told.len()
+    }
+
     fn tell(&mut self, out: &mut Vec<Action>, svc: &Service, warning: bool, reason: &'static str, message: String) {
         let key = service::key(svc);
         if self.told.get(&key).is_some_and(|(r, m)| *r == reason && *m == message) {
@@ -101,11 +109,15 @@ impl Reconciler {
 
         // Release what is no longer ours.
         let our_keys: BTreeSet<ServiceKey> = ours.iter().map(|s| service::key(s)).collect();
+        // What was said to a Service that is gone or no longer ours is forgotten, whether or not
+        // it ever got an address: under churn of Services that never get one, this memory would
+        // otherwise grow without bound.
+        self.told.retain(|k, _| our_keys.contains(k));
+        self.orphans_told.retain(|k| our_keys.contains(k));
         let gone: Vec<ServiceKey> =
             self.alloc.allocations().map(|(k, _)| k.clone()).filter(|k| !our_keys.contains(k)).collect();
         for key in gone {
             self.alloc.release(&key);
-            self.told.remove(&key);
             let Some(svc) = services.iter().find(|s| service::key(s) == key) else { continue };
             // The Service still exists but stopped being a LoadBalancer of ours. Clear what we
             // wrote, unless another load balancer implementation now owns its status.
@@ -334,6 +346,52 @@ mod tests {
         assert!(a.contains(&Action::SetStatus { key: key.clone(), ips: vec![] }));
         assert!(a.contains(&Action::SetPoolAnnotation { key, pool: None }));
         assert!(r.allocator().allocations().next().is_none());
+    }
+
+    #[test]
+    fn the_memory_of_services_that_never_got_an_address_is_freed_when_they_go() {
+        let p = pools(&["192.0.2.200/32"]);
+        let mut r = Reconciler::new(ClassPolicy::default());
+        // The one address is taken for good.
+        let mut services = vec![svc("holder", 0)];
+        let a = r.reconcile(&p, &services, &BTreeMap::new());
+        apply(&mut services, &a);
+        let held = r.remembered();
+        assert!(held > 0);
+        for i in 0..200 {
+            let unknown_pool = {
+                let mut s = svc(&format!("unknown-pool-{i}"), i);
+                s.metadata.annotations =
+                    Some([(ferrolb_api::annotations::ADDRESS_POOL.name.to_string(), "nope".into())].into());
+                s
+            };
+            let bad_ip = {
+                let mut s = svc(&format!("bad-ip-{i}"), i);
+                if let Some(spec) = s.spec.as_mut() {
+                    spec.load_balancer_ip = Some("not-an-ip".into());
+                }
+                s
+            };
+            let batch = [svc(&format!("exhausted-{i}"), i), unknown_pool, bad_ip, svc(&format!("leaves-{i}"), i)];
+            let mut now = services.clone();
+            now.extend(batch.iter().cloned());
+            let a = r.reconcile(&p, &now, &BTreeMap::new());
+            let failed = a.iter().filter(|a| matches!(a, Action::Event { reason: REASON_FAILED, .. })).count();
+            assert_eq!(failed, batch.len(), "{a:?}");
+            assert!(r.remembered() > held);
+            // Three are deleted; one stays but stops being a LoadBalancer.
+            let mut after = services.clone();
+            let mut leaves = batch[3].clone();
+            if let Some(spec) = leaves.spec.as_mut() {
+                spec.type_ = Some("ClusterIP".into());
+            }
+            after.push(leaves);
+            r.reconcile(&p, &after, &BTreeMap::new());
+            assert_eq!(r.remembered(), held, "round {i}");
+        }
+        // And the holder's memory goes with it.
+        r.reconcile(&p, &[], &BTreeMap::new());
+        assert_eq!(r.remembered(), 0);
     }
 
     #[test]

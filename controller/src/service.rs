@@ -13,10 +13,7 @@ use crate::allocator::{FamilyPolicy, PortKey, Request, ServiceKey};
 pub use ferrolb_config::ClassPolicy;
 
 pub fn key(svc: &Service) -> ServiceKey {
-    ServiceKey {
-        namespace: svc.metadata.namespace.clone().unwrap_or_default(),
-        name: svc.metadata.name.clone().unwrap_or_default(),
-    }
+    ServiceKey::of(svc)
 }
 
 /// A `type: LoadBalancer` Service of our class (or of none, unless the class is required).
@@ -94,6 +91,10 @@ pub fn request(svc: &Service, namespace_labels: &BTreeMap<String, String>) -> Re
         ips,
         pool: annotations::ADDRESS_POOL.value(&ann).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()),
         sharing_key: annotations::ALLOW_SHARED_IP.value(&ann).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()),
+        shared_namespaces: ann
+            .get(annotations::ALLOW_SHARED_IP_NAMESPACES)
+            .map(|v| v.split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect())
+            .unwrap_or_default(),
         ports,
         local: spec.external_traffic_policy.as_deref() == Some("Local"),
         selector: spec.selector.unwrap_or_default(),

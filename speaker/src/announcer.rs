@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrolb_api::{IPAddressPool, L2Advertisement};
-use ferrolb_config::{ClassPolicy, PoolInput, build_advertisements, build_pools};
+use ferrolb_config::{ClassPolicy, PoolInput, build_advertisements, build_pools, internal_ip_like};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::Store;
@@ -110,16 +110,7 @@ impl Caches {
             .state()
             .iter()
             .filter(|n| n.metadata.name.as_deref() != Some(s.node.as_str()))
-            .filter_map(|n| {
-                n.status
-                    .as_ref()?
-                    .addresses
-                    .as_ref()?
-                    .iter()
-                    .filter(|a| a.type_ == "InternalIP")
-                    .filter_map(|a| a.address.parse::<IpAddr>().ok())
-                    .find(|ip| ip.is_ipv4() == s.node_ip.is_ipv4())
-            })
+            .filter_map(|n| internal_ip_like(n, s.node_ip))
             .map(|ip| SocketAddr::new(ip, s.membership_port))
             .collect()
     }
@@ -129,12 +120,7 @@ impl Caches {
     /// The first InternalIP of `node` in the family of `like`.
     fn node_ip(&self, node: &str, like: IpAddr) -> Option<IpAddr> {
         let n = self.nodes.state().into_iter().find(|n| n.metadata.name.as_deref() == Some(node))?;
-        let addrs = n.status.as_ref()?.addresses.clone()?;
-        addrs
-            .iter()
-            .filter(|a| a.type_ == "InternalIP")
-            .filter_map(|a| a.address.parse::<IpAddr>().ok())
-            .find(|ip| ip.is_ipv4() == like.is_ipv4())
+        internal_ip_like(&n, like)
     }
 }
 
@@ -308,7 +294,7 @@ pub async fn run(
             metrics.announced.clear();
             for a in won.values() {
                 for svc in &a.services {
-                    let label = AnnouncedLabel { service: svc.clone(), node: s.node.clone(), ip: a.ip.to_string() };
+                    let label = AnnouncedLabel { service: svc.to_string(), node: s.node.clone(), ip: a.ip.to_string() };
                     metrics.announced.get_or_create(&label).set(1);
                 }
             }

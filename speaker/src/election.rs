@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
 
-use ferrolb_config::{Advertisement, Pool, Pools};
+use ferrolb_config::{Advertisement, Pool, Pools, ServiceKey};
 use sha2::{Digest, Sha256};
 
 /// The well-known Node label that keeps a node out of external load balancing.
@@ -48,8 +48,8 @@ pub struct NodeFacts {
 /// What the election needs to know about one LoadBalancer service.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceFacts {
-    /// `namespace/name`, to report which services an announcement serves.
-    pub key: String,
+    /// Which Service, to report which services an announcement serves.
+    pub key: ServiceKey,
     /// `status.loadBalancer.ingress` addresses, both families.
     pub ips: Vec<IpAddr>,
     /// The pool the controller allocated from (`ferrolb.io/ip-allocated-from-pool`), if known.
@@ -92,8 +92,8 @@ pub struct Announcement {
     /// subnet holds the IP); it is also empty when any one of those advertisements lists no
     /// interfaces, since that advertisement asks for every interface.
     pub interfaces: Vec<String>,
-    /// The services using this IP (`namespace/name`), sorted.
-    pub services: Vec<String>,
+    /// The services using this IP, sorted.
+    pub services: Vec<ServiceKey>,
 }
 
 /// The candidate ranked first for `key`: smallest `sha256(node + "#" + key)`, compared as bytes.
@@ -150,7 +150,7 @@ pub fn elect(
         let Some(node) = chosen else { continue };
         for ip in &group.ips {
             let users: Vec<&ServiceFacts> = group.members.iter().copied().filter(|s| s.ips.contains(ip)).collect();
-            let mut services: Vec<String> = users.iter().map(|s| s.key.clone()).collect();
+            let mut services: Vec<ServiceKey> = users.iter().map(|s| s.key.clone()).collect();
             services.sort();
             services.dedup();
             let interfaces = interfaces(&users, *ip, nodes[node], pools, ads);
@@ -202,14 +202,40 @@ fn groups<'a>(services: &[&'a ServiceFacts]) -> Vec<Group<'a>> {
     out
 }
 
-/// The pool an IP of a service belongs to: the one the controller recorded, else the one that
-/// holds the IP (addresses given by hand, or a record naming a pool that is gone).
+/// The pool an IP of a service belongs to: the one the controller recorded if it holds the IP,
+/// else the one that holds it (addresses given by hand, or a record naming a pool that is gone).
+///
+/// The record is an annotation anyone who may edit the Service can write: naming a pool that
+/// does not hold the address must not pick that pool's advertisements (its interfaces, its
+/// nodes). Such a record is ignored, and logged once per service, address and name.
 fn pool_of<'p>(service: &ServiceFacts, ip: IpAddr, pools: &'p Pools) -> Option<&'p Pool> {
-    service
-        .pool
-        .as_deref()
-        .and_then(|name| pools.pools.get(name))
-        .or_else(|| pools.pools.values().find(|p| p.contains(ip)))
+    let holding = || pools.pools.values().find(|p| p.contains(ip));
+    let Some(recorded) = service.pool.as_deref() else { return holding() };
+    match pools.pools.get(recorded) {
+        Some(p) if p.contains(ip) => Some(p),
+        Some(_) => {
+            let actual = holding();
+            warn_once(&service.key, ip, recorded, actual.map(|p| p.name.as_str()));
+            actual
+        }
+        None => holding(),
+    }
+}
+
+/// Logs a recorded pool that does not hold the address, the first time it is seen.
+fn warn_once(service: &ServiceKey, ip: IpAddr, recorded: &str, actual: Option<&str>) {
+    static SEEN: std::sync::Mutex<BTreeSet<(ServiceKey, IpAddr, String)>> = std::sync::Mutex::new(BTreeSet::new());
+    let Ok(mut seen) = SEEN.lock() else { return };
+    if seen.insert((service.clone(), ip, recorded.to_owned())) {
+        tracing::warn!(
+            service = %service,
+            %ip,
+            recorded,
+            used = actual.unwrap_or("none"),
+            "the Service's ferrolb.io/ip-allocated-from-pool names a pool that does not hold the address: \
+             using the advertisements of the pool that does"
+        );
+    }
 }
 
 /// The nodes that may announce `ip` for `service`, cordoned or not.
@@ -279,10 +305,21 @@ mod tests {
         names.iter().map(ToString::to_string).collect()
     }
 
+    /// `namespace/name` as a key.
+    fn key(s: &str) -> ServiceKey {
+        let (namespace, name) = s.split_once('/').unwrap_or(("", s));
+        ServiceKey::new(namespace, name)
+    }
+
+    /// Keys as `namespace/name`, to compare with a list.
+    fn shown(keys: &[ServiceKey]) -> Vec<String> {
+        keys.iter().map(ToString::to_string).collect()
+    }
+
     /// A Cluster service with a ready endpoint on node-1.
-    fn svc(key: &str, ips: &[&str]) -> ServiceFacts {
+    fn svc(name: &str, ips: &[&str]) -> ServiceFacts {
         ServiceFacts {
-            key: key.to_string(),
+            key: key(name),
             ips: ips.iter().map(|s| ip(s)).collect(),
             pool: None,
             local: false,
@@ -352,7 +389,7 @@ mod tests {
             elect(&nodes(&["node-1", "node-2", "node-3"]), &[svc("web/a", &["192.0.2.200"])], &demo(), &everywhere());
         let a = &result[&ip("192.0.2.200")];
         assert_eq!(Some(a.node.as_str()), winner("192.0.2.200", ["node-1", "node-2", "node-3"]));
-        assert_eq!(a.services, ["web/a"]);
+        assert_eq!(shown(&a.services), ["web/a"]);
         assert!(a.interfaces.is_empty());
         assert_eq!(result.len(), 1);
     }
@@ -381,24 +418,58 @@ mod tests {
     }
 
     #[test]
-    fn the_recorded_pool_wins_over_the_containing_one() {
+    fn the_recorded_pool_counts_when_it_holds_the_address() {
         let both = pools(vec![pool("demo", &["192.0.2.200-192.0.2.250"], &[]), pool("dmz", &["198.51.100.0/24"], &[])]);
         let dmz_only = Advertisement { name: "dmz".to_string(), pool_names: set(&["dmz"]), ..Advertisement::default() };
-        let mut service = svc("web/a", &["192.0.2.200"]);
+        let mut service = svc("web/a", &["198.51.100.7"]);
         let list = nodes(&["node-1"]);
-        assert!(elect(&list, std::slice::from_ref(&service), &both, std::slice::from_ref(&dmz_only)).is_empty());
         service.pool = Some("dmz".to_string());
         assert_eq!(
             node_of(
                 &elect(&list, std::slice::from_ref(&service), &both, std::slice::from_ref(&dmz_only)),
-                "192.0.2.200"
+                "198.51.100.7"
             )
             .as_deref(),
             Some("node-1")
         );
         // A recorded pool that no longer exists falls back to the containing pool.
         service.pool = Some("gone".to_string());
-        assert!(elect(&list, &[service], &both, &[dmz_only]).is_empty());
+        assert_eq!(elect(&list, std::slice::from_ref(&service), &both, std::slice::from_ref(&dmz_only)).len(), 1);
+        let demo_only =
+            Advertisement { name: "demo".to_string(), pool_names: set(&["demo"]), ..Advertisement::default() };
+        assert!(elect(&list, &[service], &both, &[demo_only]).is_empty());
+    }
+
+    /// A tenant may write `ip-allocated-from-pool` on their Service: naming a pool that does not
+    /// hold the address must not buy that pool's advertisements.
+    #[test]
+    fn a_recorded_pool_that_does_not_hold_the_address_is_ignored() {
+        let both = pools(vec![pool("demo", &["192.0.2.200-192.0.2.250"], &[]), pool("dmz", &["198.51.100.0/24"], &[])]);
+        let dmz_only = Advertisement { name: "dmz".to_string(), pool_names: set(&["dmz"]), ..Advertisement::default() };
+        let demo_eth1 = Advertisement {
+            name: "demo".to_string(),
+            pool_names: set(&["demo"]),
+            interfaces: vec!["eth1".to_string()],
+            ..Advertisement::default()
+        };
+        let dmz_eth9 = Advertisement {
+            name: "dmz-any".to_string(),
+            pool_names: set(&["dmz"]),
+            interfaces: vec!["eth9".to_string()],
+            ..Advertisement::default()
+        };
+        let list = nodes(&["node-1"]);
+        let mut service = svc("web/a", &["192.0.2.200"]);
+        service.pool = Some("dmz".to_string());
+        assert!(
+            elect(&list, std::slice::from_ref(&service), &both, std::slice::from_ref(&dmz_only)).is_empty(),
+            "dmz's advertisement does not apply to a demo address"
+        );
+        let ads = [demo_eth1, dmz_eth9];
+        let result = elect(&list, std::slice::from_ref(&service), &both, &ads);
+        assert_eq!(result[&ip("192.0.2.200")].interfaces, ["eth1"], "demo's interfaces, not dmz's");
+        service.pool = None;
+        assert_eq!(elect(&list, &[service], &both, &ads), result, "the same as with no record");
     }
 
     #[test]
@@ -529,9 +600,9 @@ mod tests {
             assert!(chosen.is_some());
             assert_eq!(node_of(&result, &b), chosen);
             assert_eq!(node_of(&result, &v6), chosen);
-            assert_eq!(result[&ip(&a)].services, ["web/a", "web/b"]);
-            assert_eq!(result[&ip(&b)].services, ["web/b"]);
-            assert_eq!(result[&ip(&v6)].services, ["web/a"]);
+            assert_eq!(shown(&result[&ip(&a)].services), ["web/a", "web/b"]);
+            assert_eq!(shown(&result[&ip(&b)].services), ["web/b"]);
+            assert_eq!(shown(&result[&ip(&v6)].services), ["web/a"]);
         }
     }
 
@@ -557,7 +628,7 @@ mod tests {
         idle.ready_nodes.clear();
         idle.local = true;
         let result = elect(&list, &[svc("web/a", &["192.0.2.200"]), idle], &demo(), &everywhere());
-        assert_eq!(result[&ip("192.0.2.200")].services, ["web/a"]);
+        assert_eq!(shown(&result[&ip("192.0.2.200")].services), ["web/a"]);
     }
 
     #[test]
@@ -633,7 +704,7 @@ mod tests {
             list.into_iter()
                 .enumerate()
                 .map(|(i, (ips, local, ready_nodes, serving_terminating_nodes, pool))| ServiceFacts {
-                    key: format!("ns/svc-{i}"),
+                    key: ServiceKey::new("ns", format!("svc-{i}")),
                     ips,
                     pool: pool.map(String::from),
                     local,

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ferrolb_api::annotations::IP_ALLOCATED_FROM_POOL;
-use ferrolb_config::ClassPolicy;
+use ferrolb_config::{ClassPolicy, EndpointState, ServiceKey};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -57,7 +57,7 @@ pub fn service_facts<'a>(
     let name = svc.metadata.name.as_deref().unwrap_or_default();
     let namespace = svc.metadata.namespace.as_deref().unwrap_or_default();
     let mut facts = ServiceFacts {
-        key: format!("{namespace}/{name}"),
+        key: ServiceKey::of(svc),
         ips,
         pool: svc.metadata.annotations.as_ref().and_then(|a| a.get(IP_ALLOCATED_FROM_POOL)).cloned(),
         local: svc.spec.as_ref().and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local"),
@@ -70,15 +70,10 @@ pub fn service_facts<'a>(
     for slice in own {
         for ep in slice.endpoints.iter().flatten() {
             let Some(node) = ep.node_name.clone() else { continue };
-            let c = ep.conditions.clone().unwrap_or_default();
-            // Per the EndpointSlice API, an unset `ready` means ready and an unset `serving`
-            // follows `ready`.
-            let ready = c.ready.unwrap_or(true);
-            let serving = c.serving.unwrap_or(ready);
-            let terminating = c.terminating.unwrap_or(false);
-            if ready {
+            let state = EndpointState::of(ep.conditions.as_ref());
+            if state.ready {
                 facts.ready_nodes.insert(node);
-            } else if serving && terminating {
+            } else if state.serving_terminating() {
                 facts.serving_terminating_nodes.insert(node);
             }
         }
@@ -153,7 +148,7 @@ mod tests {
             slice("other", &[("node-9", Some(true), None, None)]),
         ];
         let f = service_facts(&svc("web", "192.0.2.200", true), &ClassPolicy::default(), &slices).unwrap();
-        assert_eq!(f.key, "default/web");
+        assert_eq!(f.key, ServiceKey::new("default", "web"));
         assert_eq!(f.ips, vec!["192.0.2.200".parse::<IpAddr>().unwrap()]);
         assert_eq!(f.pool.as_deref(), Some("lan"));
         assert!(f.local);

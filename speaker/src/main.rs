@@ -64,6 +64,10 @@ struct RunArgs {
     /// InternalIPs). Loopback addresses are never used.
     #[arg(long = "nodeport-address", env = "FERROLB_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<IpAddr>,
+    /// Honour a Service's spec.externalIPs only within these CIDRs (comma-separated; default:
+    /// any, as kube-proxy). Others are left out, with a Warning Event on the Service.
+    #[arg(long = "external-ip-cidrs", env = "FERROLB_EXTERNAL_IP_CIDRS", value_delimiter = ',')]
+    external_ip_cidrs: Vec<ipnetwork::IpNetwork>,
     /// The speakers' DaemonSet (in --namespace). When it is gone or being deleted at
     /// shutdown, ferrolb is being uninstalled: the speaker then removes its nftables tables
     /// and its ServiceL2Statuses. Otherwise (a restart, an upgrade) the tables stay, so
@@ -203,10 +207,12 @@ async fn run(a: RunArgs) -> Result<()> {
             mode,
             node_ips: a.nodeport_addresses.clone(),
             pod_cidrs: Vec::new(),
+            external_ip_cidrs: a.external_ip_cidrs.clone(),
         };
         let mut s = DataplaneSettings::new(source, families.clone());
         s.health_check_addresses = a.nodeport_addresses.clone();
         s.handovers = Some(handover_rx);
+        s.warnings = dataplane::events::WarningEvents::start(client.clone(), a.node.clone(), cluster.services.clone());
         dataplane::run(&cluster, s, dp_metrics, stopped(stop_rx.clone())).await
     };
     let namespace = settings.namespace.clone();

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrolb_api::{InterfaceInfo, ServiceL2Status, ServiceL2StatusStatus};
+use ferrolb_config::ServiceKey;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
@@ -32,7 +33,8 @@ use tokio::sync::{Notify, watch};
 pub const MANAGER: &str = "ferrolb-speaker";
 /// The Event reason on a Service whose announcer changed (MetalLB's word).
 pub const NODE_ASSIGNED: &str = "nodeAssigned";
-/// Labels on each object, to select them by node or service.
+/// Labels on each object, to select them by node or service. The node's is [`node_label`] of
+/// its name, which fits a label however long the name is.
 pub const NODE_LABEL: &str = "ferrolb.io/node";
 pub const SERVICE_NAME_LABEL: &str = "ferrolb.io/service-name";
 pub const SERVICE_NAMESPACE_LABEL: &str = "ferrolb.io/service-namespace";
@@ -40,18 +42,64 @@ pub const SERVICE_NAMESPACE_LABEL: &str = "ferrolb.io/service-namespace";
 /// What the election says, as far as the status objects go.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct View {
-    /// Services this node announces (`namespace/name`) and the interfaces it answers on, sorted.
-    pub mine: BTreeMap<String, Vec<String>>,
+    /// Services this node announces and the interfaces it answers on, sorted.
+    pub mine: BTreeMap<ServiceKey, Vec<String>>,
     /// Services some node announces.
-    pub announced: BTreeSet<String>,
+    pub announced: BTreeSet<ServiceKey>,
     /// Nodes whose speaker is alive.
     pub alive: BTreeSet<String>,
 }
 
 /// The object's name for a service: `<namespace>.<name>`. Neither part can hold a dot (both are
 /// DNS labels), so the name is unique, and a user finds it without a lookup.
-pub fn object_name(service: &str) -> String {
-    service.replacen('/', ".", 1)
+pub fn object_name(service: &ServiceKey) -> String {
+    format!("{}.{}", service.namespace, service.name)
+}
+
+/// The longest label value the API server accepts.
+const LABEL_MAX: usize = 63;
+/// The longest `reportingInstance` of an Event the API server accepts.
+const REPORTING_INSTANCE_MAX: usize = 128;
+
+/// `name` if it is at most `max` bytes and a valid label value; else a prefix of it (cut at a
+/// character boundary, ending in a letter or digit) and 16 hex digits of its sha256, which
+/// together fit `max` (at least 17). Two names that differ only after the prefix get different
+/// values (but for a hash collision); whoever selects by it checks the full name as well.
+fn fit(name: &str, max: usize) -> String {
+    let valid = |v: &str| {
+        v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && v.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+            && v.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
+    };
+    if name.len() <= max && valid(name) {
+        return name.to_string();
+    }
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(name.as_bytes());
+    let hex: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    // Only characters a label allows, in the first `max - 17` bytes, trailing separators dropped.
+    let room = max.saturating_sub(hex.len() + 1);
+    let prefix: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(room)
+        .collect::<String>()
+        .trim_start_matches(|c: char| !c.is_ascii_alphanumeric())
+        .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string();
+    if prefix.is_empty() { hex } else { format!("{prefix}-{hex}") }
+}
+
+/// The value of [`NODE_LABEL`] for `node`: the name itself when it fits a label (up to 63
+/// characters, as every name in most clusters), else a hashed form. Node names may have 253.
+pub fn node_label(node: &str) -> String {
+    fit(node, LABEL_MAX)
+}
+
+/// The `reportingInstance` of this node's Events: the node's name, hashed when longer than the
+/// API server's 128 characters (an Event with a longer one is refused).
+pub fn reporting_instance(node: &str) -> String {
+    fit(node, REPORTING_INSTANCE_MAX)
 }
 
 /// One write.
@@ -59,23 +107,22 @@ pub fn object_name(service: &str) -> String {
 pub enum Op {
     /// Make the object say this node announces `service` on `interfaces`; with an Event when
     /// the announcer changed to us.
-    Write { service: String, status: ServiceL2StatusStatus, event: bool },
+    Write { service: ServiceKey, status: ServiceL2StatusStatus, event: bool },
     /// Delete the object if it is still the version we saw.
     Delete { name: String, resource_version: Option<String> },
 }
 
 /// The writes that bring the objects in line with the view. `emitted` holds the services whose
 /// `nodeAssigned` Event this node has sent since it took them; it is updated here.
-pub fn plan(node: &str, view: &View, objects: &[Arc<ServiceL2Status>], emitted: &mut BTreeSet<String>) -> Vec<Op> {
+pub fn plan(node: &str, view: &View, objects: &[Arc<ServiceL2Status>], emitted: &mut BTreeSet<ServiceKey>) -> Vec<Op> {
     let by_name: BTreeMap<String, &ServiceL2Status> = objects.iter().map(|o| (o.name_any(), o.as_ref())).collect();
     let mut ops = Vec::new();
     emitted.retain(|s| view.mine.contains_key(s));
     for (service, interfaces) in &view.mine {
-        let (namespace, name) = service.split_once('/').unwrap_or(("", service));
         let want = ServiceL2StatusStatus {
             node: node.to_string(),
-            service_name: name.to_string(),
-            service_namespace: namespace.to_string(),
+            service_name: service.name.clone(),
+            service_namespace: service.namespace.clone(),
             interfaces: interfaces.iter().map(|i| InterfaceInfo { name: i.clone() }).collect(),
         };
         let have = by_name.get(&object_name(service)).and_then(|o| o.status.as_ref());
@@ -89,7 +136,7 @@ pub fn plan(node: &str, view: &View, objects: &[Arc<ServiceL2Status>], emitted: 
     }
     for (name, o) in &by_name {
         let Some(st) = o.status.as_ref() else { continue };
-        let service = format!("{}/{}", st.service_namespace, st.service_name);
+        let service = ServiceKey::new(st.service_namespace.as_str(), st.service_name.as_str());
         if view.mine.contains_key(&service) && *name == object_name(&service) {
             continue;
         }
@@ -115,7 +162,8 @@ pub async fn run(
     let api: Api<ServiceL2Status> = Api::namespaced(client.clone(), &namespace);
     let changed = Arc::new(Notify::new());
     let store = crate::watch::watch(api.clone(), vec![changed.clone()]);
-    let recorder = Recorder::new(client, Reporter { controller: MANAGER.into(), instance: Some(node.clone()) });
+    let recorder =
+        Recorder::new(client, Reporter { controller: MANAGER.into(), instance: Some(reporting_instance(&node)) });
     let mut views = views;
     let mut emitted = BTreeSet::new();
     if store.wait_until_ready().await.is_err() {
@@ -146,7 +194,9 @@ pub async fn run(
 /// ferrolb may stay behind. An object another announcer rewrote meanwhile is left to it.
 pub async fn delete_own(client: Client, namespace: &str, node: &str) -> Result<usize, kube::Error> {
     let api: Api<ServiceL2Status> = Api::namespaced(client, namespace);
-    let own = api.list(&kube::api::ListParams::default().labels(&format!("{NODE_LABEL}={node}"))).await?;
+    // Selected by the label, then by the full name: a hashed label may, in theory, be shared.
+    let selector = format!("{NODE_LABEL}={}", node_label(node));
+    let own = api.list(&kube::api::ListParams::default().labels(&selector)).await?;
     let mut deleted = 0;
     for o in own.items.iter().filter(|o| o.status.as_ref().is_some_and(|s| s.node == node)) {
         if delete_unchanged(&api, &o.name_any(), o.resource_version()).await? {
@@ -187,7 +237,7 @@ async fn apply(
                 "apiVersion": "ferrolb.io/v1beta1",
                 "kind": "ServiceL2Status",
                 "metadata": {"name": name, "namespace": namespace, "labels": {
-                    NODE_LABEL: status.node,
+                    NODE_LABEL: node_label(&status.node),
                     SERVICE_NAME_LABEL: status.service_name,
                     SERVICE_NAMESPACE_LABEL: status.service_namespace,
                 }},
@@ -237,9 +287,15 @@ async fn apply(
 mod tests {
     use super::*;
 
+    /// `namespace/name` as a key.
+    fn key(s: &str) -> ServiceKey {
+        let (namespace, name) = s.split_once('/').unwrap();
+        ServiceKey::new(namespace, name)
+    }
+
     fn obj(service: &str, node: &str, rv: &str) -> Arc<ServiceL2Status> {
         let (ns, name) = service.split_once('/').unwrap();
-        let mut o = ServiceL2Status::new(&object_name(service), Default::default());
+        let mut o = ServiceL2Status::new(&object_name(&key(service)), Default::default());
         o.metadata.resource_version = Some(rv.into());
         o.status = Some(ServiceL2StatusStatus {
             node: node.into(),
@@ -252,8 +308,8 @@ mod tests {
 
     fn view(mine: &[&str], announced: &[&str], alive: &[&str]) -> View {
         View {
-            mine: mine.iter().map(|s| (s.to_string(), vec!["eth0".to_string()])).collect(),
-            announced: announced.iter().map(|s| s.to_string()).collect(),
+            mine: mine.iter().map(|s| (key(s), vec!["eth0".to_string()])).collect(),
+            announced: announced.iter().map(|s| key(s)).collect(),
             alive: alive.iter().map(|s| s.to_string()).collect(),
         }
     }
@@ -261,7 +317,7 @@ mod tests {
     fn writes(ops: &[Op]) -> Vec<(String, bool)> {
         ops.iter()
             .filter_map(|o| match o {
-                Op::Write { service, event, .. } => Some((service.clone(), *event)),
+                Op::Write { service, event, .. } => Some((service.to_string(), *event)),
                 Op::Delete { .. } => None,
             })
             .collect()
@@ -276,9 +332,62 @@ mod tests {
             .collect()
     }
 
+    /// A valid label value: at most 63 characters, alphanumerics and `-_.`, alphanumeric at
+    /// both ends (the API server's rule).
+    fn is_label_value(v: &str) -> bool {
+        v.len() <= 63
+            && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && v.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric())
+            && v.bytes().last().is_none_or(|b| b.is_ascii_alphanumeric())
+    }
+
+    /// The longest node name the API server accepts: a DNS subdomain of 253 characters.
+    fn longest_node(tail: char) -> String {
+        let label = |c: char| std::iter::repeat_n(c, 63).collect::<String>();
+        let name = format!("{}.{}.{}.{}", label('a'), label('b'), label('c'), label(tail));
+        name[..253].to_string()
+    }
+
+    #[test]
+    fn node_labels_fit_for_the_longest_node_names() {
+        // Short names are kept as they are: existing objects and selectors keep working.
+        assert_eq!(node_label("node-1"), "node-1");
+        let n63 = "n".repeat(63);
+        assert_eq!(node_label(&n63), n63);
+        let long = longest_node('d');
+        assert_eq!(long.len(), 253);
+        let label = node_label(&long);
+        assert!(is_label_value(&label), "{label}");
+        assert!(label.starts_with("aaaa"), "{label}");
+        // Stable, and different for a name that differs only at its end.
+        assert_eq!(label, node_label(&long));
+        assert_ne!(label, node_label(&longest_node('e')));
+        // 64 characters, and a prefix cut just before a dot: still a valid value.
+        let n64 = format!("{}.{}", "x".repeat(45), "y".repeat(18));
+        assert!(is_label_value(&node_label(&n64)), "{}", node_label(&n64));
+        // Events: the reporting instance fits 128.
+        let instance = reporting_instance(&long);
+        assert!(instance.len() <= 128 && instance.starts_with("aaaa"), "{instance}");
+        assert_eq!(reporting_instance("node-1"), "node-1");
+    }
+
+    #[test]
+    fn a_longest_node_name_is_written_whole_in_the_status() {
+        let node = longest_node('d');
+        let v = view(&["default/web"], &["default/web"], &[node.as_str()]);
+        let ops = plan(&node, &v, &[], &mut BTreeSet::new());
+        let Op::Write { status, .. } = &ops[0] else { panic!("{ops:?}") };
+        assert_eq!(status.node, node);
+        // And the object it wrote is recognised as its own when it stops announcing.
+        let mut o = (*obj("default/web", &node, "4")).clone();
+        o.metadata.labels = Some([(NODE_LABEL.to_string(), node_label(&node))].into());
+        let v = view(&[], &["default/web"], &[node.as_str()]);
+        assert_eq!(deletes(&plan(&node, &v, &[Arc::new(o)], &mut BTreeSet::new())), ["default.web"]);
+    }
+
     #[test]
     fn object_names_are_namespace_dot_name() {
-        assert_eq!(object_name("default/web"), "default.web");
+        assert_eq!(object_name(&key("default/web")), "default.web");
     }
 
     #[test]
@@ -335,7 +444,7 @@ mod tests {
         let mut v = view(&["default/web"], &["default/web"], &["a"]);
         let mut emitted = BTreeSet::new();
         assert!(plan("a", &v, &[obj("default/web", "a", "1")], &mut emitted).is_empty());
-        v.mine.insert("default/web".into(), vec!["eth0".into(), "eth1".into()]);
+        v.mine.insert(key("default/web"), vec!["eth0".into(), "eth1".into()]);
         assert_eq!(
             writes(&plan("a", &v, &[obj("default/web", "a", "1")], &mut emitted)),
             [("default/web".to_string(), false)]

@@ -4,6 +4,7 @@
 //! ```text
 //!   API ──watch──> Store<Node>, Store<Service>, Store<EndpointSlice> ──> announcer (wake)
 //!                                                                   └──> data plane (wake)
+//!   API ──watch──> Store<ServiceCIDR> ──> data plane (wake)
 //! ```
 //!
 //! When the API server goes away the stores keep their last state and the watchers retry with
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::store::WriterDropped;
 use kube::runtime::reflector::{self, Store};
@@ -58,6 +60,10 @@ pub struct Cluster {
     pub nodes: Store<Node>,
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
+    /// The cluster's service CIDRs (the data plane drops what goes to an unallocated address in
+    /// them). Not waited for by [`Cluster::ready`]: without them (an API server that has no
+    /// ServiceCIDR, say) everything else still works.
+    pub service_cidrs: Store<ServiceCIDR>,
     /// Woken on every change, for the announcer.
     pub announcer: Arc<Notify>,
     /// Woken on every change, for the data plane.
@@ -73,6 +79,7 @@ impl Cluster {
             nodes: watch(Api::all(client.clone()), wake.clone()),
             services: watch(Api::all(client.clone()), wake.clone()),
             slices: watch(Api::all(client.clone()), wake),
+            service_cidrs: watch(Api::all(client.clone()), vec![dataplane.clone()]),
             announcer,
             dataplane,
         }

@@ -40,6 +40,7 @@ fn synthetic(services: u32, endpoints: u32) -> Model {
         mode: Mode::Full,
         node_ips: vec!["192.0.2.11".parse().unwrap()],
         pod_cidrs: vec!["198.18.1.0/24".parse().unwrap()],
+        service_cidrs: vec![],
         services: (0..services)
             .map(|s| (ServiceKey::new("bench", format!("svc-{s}")), service(s, endpoints)))
             .collect(),

@@ -158,6 +158,7 @@ fn the_schema_refuses_bad_values() -> Result<()> {
         ("speaker.dataplan=full", "additional properties 'dataplan' not allowed"),
         ("controller.replicas=0", "minimum"),
         ("pools[0].name=lan", "missing property 'addresses'"),
+        ("speaker.externalIPCIDRs[0]=203.0.113.7", "does not match pattern"),
     ] {
         let out = output(&helm, &["template", "ferrolb", CHART, "--set", set])?;
         let err = String::from_utf8_lossy(&out.stderr);
@@ -247,6 +248,18 @@ fn a_pool_alone_is_announced_and_listed_advertisements_replace_the_default() -> 
     // No pools: nothing to announce, no advertisement.
     let docs = template(&[])?;
     ensure!(!docs.iter().any(|d| matches!(kind(d), "IPAddressPool" | "L2Advertisement")), "objects without pools");
+    Ok(())
+}
+
+#[test]
+fn external_ip_cidrs_reach_the_speaker_as_one_list() -> Result<()> {
+    let speaker = |docs: &[Value]| -> Result<Option<String>> {
+        Ok(env_value(find(docs, "DaemonSet", "ferrolb-speaker")?, "FERROLB_EXTERNAL_IP_CIDRS"))
+    };
+    ensure!(speaker(&template(&[])?)?.is_none(), "no list: the variable is not set (any address)");
+    let docs = template(&["--set", "speaker.externalIPCIDRs={203.0.113.0/24,2001:db8:7::/64}"])?;
+    let value = speaker(&docs)?;
+    ensure!(value.as_deref() == Some("203.0.113.0/24,2001:db8:7::/64"), "FERROLB_EXTERNAL_IP_CIDRS: {value:?}");
     Ok(())
 }
 

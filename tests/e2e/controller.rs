@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use ferrolb_e2e::{Case, Controller, Lab, output, run, run_suite, wait_for};
+use ferrolb_e2e::{Case, Controller, Lab, events, output, run, run_suite, wait_event, wait_for};
 
 const POOL: &str = r#"
 apiVersion: ferrolb.io/v1beta1
@@ -44,27 +44,6 @@ fn wait_ingress(lab: &Lab, name: &str) -> Result<Vec<String>> {
     wait_for(&format!("an EXTERNAL-IP for {name}"), Duration::from_secs(20), || {
         let ips = ingress(lab, name)?;
         Ok((!ips.is_empty()).then_some(ips))
-    })
-}
-
-/// Messages of the Events with `reason` on Service `name`.
-fn events(lab: &Lab, name: &str, reason: &str) -> Result<String> {
-    lab.kubectl(&[
-        "get",
-        "events",
-        "-n",
-        "default",
-        "--field-selector",
-        &format!("involvedObject.name={name},reason={reason}"),
-        "-o",
-        "jsonpath={range .items[*]}{.note}{.message}{\"\\n\"}{end}",
-    ])
-}
-
-fn wait_event(lab: &Lab, name: &str, reason: &str, needle: &str) -> Result<String> {
-    wait_for(&format!("a {reason} event on {name} saying {needle:?}"), Duration::from_secs(20), || {
-        let ev = events(lab, name, reason)?;
-        Ok(ev.contains(needle).then_some(ev))
     })
 }
 

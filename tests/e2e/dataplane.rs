@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ferrolb_e2e::{Case, Controller, Lab, Speaker, run_suite, wait_for};
+use ferrolb_e2e::{Case, Controller, Lab, Speaker, answer, cluster_ip_of, lb_ip, run_suite, svc, url, wait_for};
 use serde_json::Value;
 
 static SPEAKERS: Mutex<Vec<Speaker>> = Mutex::new(Vec::new());
@@ -148,36 +148,6 @@ fn setup(lab: &Lab) -> Result<()> {
     wait_for("the LoadBalancer address to answer", Duration::from_secs(30), || {
         Ok(lab.curl("client", &format!("http://{ip}/")).ok().filter(|b| b.contains("hostname:")).map(drop))
     })
-}
-
-fn svc(lab: &Lab, name: &str) -> Result<Value> {
-    lab.kubectl_json(&["get", "service", name])
-}
-
-/// The service's IPv4 `status.loadBalancer.ingress` address, waiting for it.
-fn lb_ip(lab: &Lab, name: &str) -> Result<String> {
-    wait_for(&format!("an address for {name}"), Duration::from_secs(20), || {
-        let v = svc(lab, name)?;
-        let ingress = v["status"]["loadBalancer"]["ingress"].as_array().cloned().unwrap_or_default();
-        Ok(ingress.iter().filter_map(|i| i["ip"].as_str()).find(|ip| !ip.contains(':')).map(str::to_string))
-    })
-}
-
-fn cluster_ip_of(lab: &Lab, name: &str, i: usize) -> Result<String> {
-    svc(lab, name)?["spec"]["clusterIPs"][i].as_str().map(str::to_string).context("no cluster IP")
-}
-
-/// `http://ip:port/`, with brackets for IPv6.
-fn url(ip: &str, port: u16) -> String {
-    if ip.contains(':') { format!("http://[{ip}]:{port}/") } else { format!("http://{ip}:{port}/") }
-}
-
-/// The pod and client address in a hostname server's answer.
-fn answer(body: &str) -> Result<(String, String)> {
-    let field = |k: &str| body.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_string());
-    let pod = field("hostname:").with_context(|| format!("not a hostname answer: {body:?}"))?;
-    let client = field("client:").with_context(|| format!("no client line: {body:?}"))?;
-    Ok((pod, client))
 }
 
 /// The address part of `ip:port` / `[ip]:port`.

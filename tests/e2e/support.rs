@@ -244,6 +244,11 @@ impl Proc {
         self.signal("-TERM");
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
         self.signal("-KILL");
@@ -326,17 +331,25 @@ pub const MEMBERSHIP_SECRET: &str = "ferrolb-memberlist";
 pub struct Speaker {
     pub node: String,
     proc: Proc,
+    /// Environment given to every start (test hooks such as `FERROLB_FAULT_REJECT_SERVICE`).
+    env: Vec<(String, String)>,
 }
 
 impl Speaker {
     /// Starts the speaker of node-`index`.
     pub fn start(index: u8) -> Result<Self> {
-        let node = format!("node-{index}");
-        let proc = Self::spawn(&node, index, &[])?;
-        Ok(Speaker { node, proc })
+        Self::start_with_env(index, &[])
     }
 
-    fn spawn(node: &str, index: u8, extra: &[&str]) -> Result<Proc> {
+    /// Starts the speaker of node-`index` with `env` added to its environment (kept on restarts).
+    pub fn start_with_env(index: u8, env: &[(&str, &str)]) -> Result<Self> {
+        let node = format!("node-{index}");
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let proc = Self::spawn(&node, index, &[], &env)?;
+        Ok(Speaker { node, proc, env })
+    }
+
+    fn spawn(node: &str, index: u8, extra: &[&str], env: &[(String, String)]) -> Result<Proc> {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{node}"))
             .arg("--")
@@ -344,6 +357,7 @@ impl Speaker {
             .args(["run", &format!("--node={node}"), &format!("--node-ip=192.0.2.{}", 10 + index)])
             .arg(format!("--membership-secret={MEMBERSHIP_SECRET}"))
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("KUBECONFIG", "/run/ferrolb-lab/pki/admin.kubeconfig");
         Proc::spawn(cmd, &format!("speaker-{node}"))
     }
@@ -357,13 +371,18 @@ impl Speaker {
     pub fn restart_with(&mut self, extra: &[&str]) -> Result<()> {
         self.proc.kill();
         let index: u8 = self.node.trim_start_matches("node-").parse()?;
-        self.proc = Self::spawn(&self.node, index, extra)?;
+        self.proc = Self::spawn(&self.node, index, extra, &self.env)?;
         Ok(())
     }
 
     /// SIGTERM: it leaves the membership first.
     pub fn stop(&mut self) {
         self.proc.stop();
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
     }
 
     /// SIGKILL: a crash.
@@ -467,4 +486,62 @@ pub fn ferrolb_system(lab: &Lab, addresses: &[&str]) -> Result<()> {
 pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A Service as JSON: `name` in namespace `default`, or `namespace/name`.
+pub fn svc(lab: &Lab, name: &str) -> Result<Value> {
+    match name.split_once('/') {
+        Some((ns, name)) => lab.kubectl_json(&["get", "service", "-n", ns, name]),
+        None => lab.kubectl_json(&["get", "service", name]),
+    }
+}
+
+/// The service's IPv4 `status.loadBalancer.ingress` address, waiting for it (`name` as in [`svc`]).
+pub fn lb_ip(lab: &Lab, name: &str) -> Result<String> {
+    wait_for(&format!("an address for {name}"), Duration::from_secs(20), || {
+        let v = svc(lab, name)?;
+        let ingress = v["status"]["loadBalancer"]["ingress"].as_array().cloned().unwrap_or_default();
+        Ok(ingress.iter().filter_map(|i| i["ip"].as_str()).find(|ip| !ip.contains(':')).map(str::to_string))
+    })
+}
+
+/// The service's `i`-th cluster IP (`name` as in [`svc`]).
+pub fn cluster_ip_of(lab: &Lab, name: &str, i: usize) -> Result<String> {
+    svc(lab, name)?["spec"]["clusterIPs"][i].as_str().map(str::to_string).context("no cluster IP")
+}
+
+/// `http://ip:port/`, with brackets for IPv6.
+pub fn url(ip: &str, port: u16) -> String {
+    if ip.contains(':') { format!("http://[{ip}]:{port}/") } else { format!("http://{ip}:{port}/") }
+}
+
+/// The pod and client address in a hostname server's answer.
+pub fn answer(body: &str) -> Result<(String, String)> {
+    let field = |k: &str| body.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_string());
+    let pod = field("hostname:").with_context(|| format!("not a hostname answer: {body:?}"))?;
+    let client = field("client:").with_context(|| format!("no client line: {body:?}"))?;
+    Ok((pod, client))
+}
+
+/// Messages of the Events with `reason` on Service `name` (`name` as in [`svc`]), one a line.
+pub fn events(lab: &Lab, name: &str, reason: &str) -> Result<String> {
+    let (ns, name) = name.split_once('/').unwrap_or(("default", name));
+    lab.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        ns,
+        "--field-selector",
+        &format!("involvedObject.name={name},reason={reason}"),
+        "-o",
+        "jsonpath={range .items[*]}{.note}{.message}{\"\\n\"}{end}",
+    ])
+}
+
+/// Waits up to 20 s for an Event with `reason` on Service `name` whose message holds `needle`.
+pub fn wait_event(lab: &Lab, name: &str, reason: &str, needle: &str) -> Result<String> {
+    wait_for(&format!("a {reason} event on {name} saying {needle:?}"), Duration::from_secs(20), || {
+        let ev = events(lab, name, reason)?;
+        Ok(ev.contains(needle).then_some(ev))
+    })
 }

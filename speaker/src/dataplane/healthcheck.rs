@@ -188,6 +188,7 @@ mod tests {
             mode: Mode::Full,
             node_ips: vec![],
             pod_cidrs: vec![],
+            service_cidrs: vec![],
             services: [(ServiceKey::new("default", "lb"), svc)].into(),
         }
     }

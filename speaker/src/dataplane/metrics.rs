@@ -43,6 +43,8 @@ pub struct DataplaneMetrics {
     pub sync_failures: Family<FailureLabel, Counter>,
     /// `externalTrafficPolicy: Local` services with no usable endpoint on this node.
     pub no_local_endpoints: Family<FamilyLabel, Gauge>,
+    /// Services left out of the table because `nft` refused their rules, by family.
+    pub rejected_services: Family<FamilyLabel, Gauge>,
     /// Health: since when a change waits (None: nothing waits), and the timeout.
     pending: Mutex<Option<Instant>>,
     /// How long a change may wait before the data plane is unhealthy.
@@ -67,6 +69,7 @@ impl DataplaneMetrics {
             programming_latency: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
             sync_failures: Family::default(),
             no_local_endpoints: Family::default(),
+            rejected_services: Family::default(),
             pending: Mutex::new(None),
             health_timeout,
         }
@@ -89,6 +92,11 @@ impl DataplaneMetrics {
             "dataplane_services_no_local_endpoints",
             "externalTrafficPolicy Local services with no usable endpoint on this node",
             self.no_local_endpoints.clone(),
+        );
+        registry.register(
+            "dataplane_rejected_services",
+            "Services left out of the nftables table because nft refused their rules",
+            self.rejected_services.clone(),
         );
     }
 
@@ -141,12 +149,14 @@ mod tests {
         m.register(&mut registry);
         m.sync_duration.get_or_create(&SyncLabel { kind: "full".into() }).observe(0.2);
         m.sync_failures.get_or_create(&FailureLabel { reason: "rejected".into() }).inc();
+        m.rejected_services.get_or_create(&FamilyLabel { family: "ipv4".into() }).set(1);
         let mut text = String::new();
         encode(&mut text, &registry).unwrap();
         for name in [
             "ferrolb_dataplane_sync_duration_seconds_bucket{le=\"0.25\",kind=\"full\"} 1",
             "ferrolb_dataplane_sync_failures_total{reason=\"rejected\"} 1",
             "ferrolb_dataplane_network_programming_duration_seconds_count 0",
+            "ferrolb_dataplane_rejected_services{family=\"ipv4\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -4,11 +4,15 @@
 //! ```text
 //!   Services, EndpointSlices, Nodes ──> source (pure) ──> model ──> render (pure) ──> runner ──> nft -f -
 //!                                                           ├──> healthcheck (healthCheckNodePort servers)
-//!                                                           └──> conntrack (stale UDP flows)
+//!                                                           ├──> conntrack (stale UDP flows)
+//!                                                           └──> events (Warning Events on Services)
+//!   claims (pure): which Service may use which destination, applied by source
 //!   sync: the loop around them; metrics: what it reports
 //! ```
 
+pub mod claims;
 pub mod conntrack;
+pub mod events;
 pub mod handover;
 pub mod healthcheck;
 pub mod metrics;

@@ -43,31 +43,15 @@ pub struct Model {
     /// This node's pod CIDRs: traffic from them is "ours" (not masqueraded to a cluster IP, and
     /// short-circuited to all endpoints under `externalTrafficPolicy: Local`).
     pub pod_cidrs: Vec<IpNetwork>,
+    /// The cluster's service CIDRs (`ServiceCIDR` objects): packets to an address in them that
+    /// is no Service's ClusterIP are dropped, as kube-proxy does, instead of leaving the node.
+    pub service_cidrs: Vec<IpNetwork>,
     /// Every service that gets rules.
     pub services: BTreeMap<ServiceKey, ServiceModel>,
 }
 
-/// A service's identity.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ServiceKey {
-    /// Namespace.
-    pub namespace: String,
-    /// Name within the namespace.
-    pub name: String,
-}
-
-impl ServiceKey {
-    /// Builds a key from a namespace and a name.
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
-    }
-}
-
-impl fmt::Display for ServiceKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
+/// A service's identity: the one key type shared with the controller and the election.
+pub use ferrolb_config::ServiceKey;
 
 /// One service, as far as forwarding is concerned.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -88,8 +72,24 @@ pub struct ServiceModel {
     pub affinity_timeout: Option<u32>,
     /// `spec.loadBalancerSourceRanges`: when non-empty, only these sources reach the LB IPs.
     pub source_ranges: Vec<IpNetwork>,
+    /// An entry of `loadBalancerSourceRanges` could not be read: the LB IPs take traffic from no
+    /// source at all (fail closed, never open), whatever `source_ranges` holds.
+    pub source_ranges_unreadable: bool,
     /// `spec.healthCheckNodePort`, served by the health server (not by nftables).
     pub health_check_node_port: Option<u16>,
+}
+
+/// Something about one Service that its owner must hear of: it becomes a Warning Event on the
+/// Service (see [`super::events`]) and a log line. Warnings are recomputed on every sync; an
+/// Event is sent when a warning appears or its message changes, not again while it stays.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Warning {
+    /// The Service the warning is about.
+    pub service: ServiceKey,
+    /// The Event reason, a CamelCase word (`DataplaneRejected`, …).
+    pub reason: &'static str,
+    /// What happened and what to change, in one or two sentences.
+    pub message: String,
 }
 
 /// A transport protocol a service port can use.
@@ -176,6 +176,15 @@ impl Model {
         ips
     }
 
+    /// The service CIDRs of this family, sorted.
+    pub fn service_cidrs_of_family(&self) -> Vec<IpNetwork> {
+        let mut nets: Vec<IpNetwork> =
+            self.service_cidrs.iter().copied().filter(|n| Family::of(&n.ip()) == self.family).collect();
+        nets.sort();
+        nets.dedup();
+        nets
+    }
+
     /// This node's pod CIDRs of this family, sorted.
     pub fn local_pod_cidrs(&self) -> Vec<IpNetwork> {
         let mut nets: Vec<IpNetwork> =
@@ -200,6 +209,11 @@ impl ServiceModel {
     /// LoadBalancer IPs of `family`, sorted.
     pub fn lb_ips_of(&self, family: Family) -> Vec<IpAddr> {
         of_family(&self.lb_ips, family)
+    }
+
+    /// Whether the LB IPs are filtered by source (ranges given, or an unreadable one).
+    pub fn firewalled(&self) -> bool {
+        !self.source_ranges.is_empty() || self.source_ranges_unreadable
     }
 
     /// loadBalancerSourceRanges of `family`, sorted.
@@ -307,6 +321,7 @@ mod tests {
                 "2001:db8:1::11".parse().unwrap(),
             ],
             pod_cidrs: vec![],
+            service_cidrs: vec![],
             services: BTreeMap::new(),
         };
         assert_eq!(m.nodeport_ips(), ["192.0.2.11".parse::<IpAddr>().unwrap()]);

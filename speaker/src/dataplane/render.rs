@@ -19,7 +19,8 @@
 //!                   (ct status dnat, saddr . daddr @hairpin: a pod that reached itself)
 //!  filter hooks (ct state new):  firewall-check      daddr . l4proto . dport vmap @firewall-ips
 //!                                service-endpoints-check / nodeport-endpoints-check: reject or drop
-//!                                cluster-ips-check   reject unknown ports of cluster IPs
+//!                                cluster-ips-check   reject unknown ports of cluster IPs, drop
+//!                                                    unallocated addresses of the service CIDRs
 //! ```
 //!
 //! `H` is the first 16 hex digits of `sha256("ns/name/port-name/proto")` (affinity sets: the same
@@ -66,6 +67,21 @@ const HAIRPIN: &str = "hairpin";
 const ENDPOINTS: &str = "endpoints";
 
 const REJECT: &str = "goto reject-chain";
+
+/// Test hook, for the lab only: `FERROLB_FAULT_REJECT_SERVICE=namespace/name` in the speaker's
+/// environment (read once, at the first render) gives that Service a chain holding
+/// [`FAULT_RULE`], which `nft` refuses, so that tests can watch a refused Service being left out
+/// while the rest is applied. Unset in any real deployment.
+pub const FAULT_REJECT_SERVICE_ENV: &str = "FERROLB_FAULT_REJECT_SERVICE";
+
+/// Not a rule: `nft` stops at it with a syntax error.
+const FAULT_RULE: &str = "ferrolb-fault-hook-refuse-this";
+
+static FAULT_REJECT_SERVICE: std::sync::LazyLock<Option<ServiceKey>> = std::sync::LazyLock::new(|| {
+    let v = std::env::var(FAULT_REJECT_SERVICE_ENV).ok()?;
+    let (namespace, name) = v.trim().split_once('/')?;
+    Some(ServiceKey::new(namespace, name))
+});
 const DROP: &str = "drop";
 
 /// A transaction that rebuilds the whole table for `model`, atomically.
@@ -178,8 +194,8 @@ pub struct PartialSync {
 /// reported, not deleted (see below).
 ///
 /// It assumes the kernel holds what `prev` rendered (plus stale objects); after a failed
-/// transaction the caller must use [`render_full`]. A change of node, family or mode is a full
-/// sync.
+/// transaction the caller must use [`render_full`]. A change of node, family, mode or service
+/// CIDRs is a full sync.
 ///
 /// Why this shape: `nft` reads the kernel's state into a cache before it runs commands, and
 /// what it reads depends on the commands. `add rule`, `add element` and every `delete` make it
@@ -190,7 +206,12 @@ pub struct PartialSync {
 /// deletions (a service, a port or its last endpoint going away) pay for the dump; chain and set
 /// deletions, and those of hairpin elements (harmless while they stay), are deferred.
 pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
-    if prev.node != next.node || prev.family != next.family || prev.mode != next.mode {
+    // The service CIDRs are in a base chain's rule: a rare change, made by a full sync.
+    if prev.node != next.node
+        || prev.family != next.family
+        || prev.mode != next.mode
+        || prev.service_cidrs_of_family() != next.service_cidrs_of_family()
+    {
         return PartialSync { now: render_full(next), full: true, ..PartialSync::default() };
     }
     let f = Fam::of(next.family);
@@ -455,12 +476,47 @@ fn line(out: &mut String, args: std::fmt::Arguments<'_>) {
 
 fn add_chain(out: &mut String, f: &Fam, name: &str, comment: &str) {
     let t = f.table();
+    let comment = bounded_comment(comment);
     line(out, format_args!("add chain {t} {name} {{ comment \"{comment}\" ; }}"));
 }
 
 /// A chain and its rules in one command: `nft` needs no cache to add it.
 fn chain_block(out: &mut String, f: &Fam, name: &str, chain: &Chain) {
-    chain_with_rules(out, &f.table(), name, &format!("comment \"{}\" ;", chain.comment), &chain.rules);
+    let comment = bounded_comment(&chain.comment);
+    chain_with_rules(out, &f.table(), name, &format!("comment \"{comment}\" ;"), &chain.rules);
+}
+
+/// nft's limit on a comment, in bytes (`NFTNL_UDATA_COMMENT_MAXLEN`): one byte more and it
+/// refuses the whole transaction ("comment too long").
+pub const COMMENT_MAX: usize = 128;
+
+/// `text` as nft can always take it inside `"…"`: characters other than ASCII letters, digits
+/// and ` ./:_-~` become `_` (a `"` would end the string, a newline the command), and it is cut to
+/// [`COMMENT_MAX`] bytes. Object names are DNS labels, so this changes nothing in practice, but
+/// the bound holds whatever the API server lets through.
+fn bounded_comment(text: &str) -> String {
+    let mut safe = nft_safe(text);
+    safe.truncate(COMMENT_MAX); // ASCII only: every byte is a character boundary.
+    safe
+}
+
+/// `text` with every character but ASCII letters, digits and ` ./:_-~` replaced by `_`.
+fn nft_safe(text: &str) -> String {
+    text.chars().map(|c| if c.is_ascii_alphanumeric() || " ./:_-~".contains(c) { c } else { '_' }).collect()
+}
+
+/// The comment of a chain of service port `id` (`namespace/name/port/protocol`): `"{id}: {what}"`
+/// when that fits in [`COMMENT_MAX`] bytes; otherwise the start of `id`, `~` and 8 hex digits of
+/// its hash, so that the comment stays distinct per port and still says whose chain it is.
+fn service_comment(id: &str, what: &str) -> String {
+    let full = nft_safe(&format!("{id}: {what}"));
+    if full.len() <= COMMENT_MAX {
+        return full;
+    }
+    let tail = format!("~{}: {what}", &hash16(id)[..8]);
+    let mut head = nft_safe(id);
+    head.truncate(COMMENT_MAX.saturating_sub(tail.len()));
+    bounded_comment(&format!("{head}{tail}"))
 }
 
 /// A chain with its specification (`type … ;`, empty for a regular chain) and rules in one
@@ -558,6 +614,8 @@ fn base_chains(model: &Model, f: &Fam) -> Vec<(&'static str, String, Vec<String>
     let new_jump = |chain: &str| format!("ct state new jump {chain}");
     let by_addr = format!("{a} daddr . meta l4proto . th dport");
     let on_node = format!("fib daddr type local {a} daddr @{NODE_IPS} meta l4proto . th dport");
+    let service_cidrs: Vec<String> =
+        model.service_cidrs_of_family().into_iter().map(|n| canonical(n).to_string()).collect();
 
     // Priorities are numeric (dstnat is -100, srcnat 100): nft only takes the names on some hooks.
     let chains: Vec<(&'static str, String, Vec<Option<String>>)> = vec![
@@ -621,10 +679,17 @@ fn base_chains(model: &Model, f: &Fam) -> Vec<(&'static str, String, Vec<String>
         (
             "cluster-ips-check",
             String::new(),
-            vec![only(
-                full,
-                &format!("{a} daddr @{CLUSTER_IPS} reject comment \"no service on this cluster IP port\""),
-            )],
+            vec![
+                only(full, &format!("{a} daddr @{CLUSTER_IPS} reject comment \"no service on this cluster IP port\"")),
+                // As kube-proxy: an address of a service CIDR that is no ClusterIP goes nowhere
+                // (routed on, it would make the node ARP for it on the LAN).
+                (full && !service_cidrs.is_empty()).then(|| {
+                    format!(
+                        "{a} daddr {{ {} }} drop comment \"unallocated address of a service CIDR\"",
+                        service_cidrs.join(", ")
+                    )
+                }),
+            ],
         ),
         (
             "reject-chain",
@@ -656,6 +721,13 @@ fn build_service(
     let family = model.family;
     let f = Fam::of(family);
     let full = model.mode == Mode::Full;
+    if let Some(objects) = objects.as_deref_mut()
+        && FAULT_REJECT_SERVICE.as_ref() == Some(key)
+    {
+        let name = format!("fault-{}", hash16(&key.to_string()));
+        let comment = service_comment(&key.to_string(), FAULT_REJECT_SERVICE_ENV);
+        objects.chains.insert(name, Chain { comment, rules: vec![FAULT_RULE.to_owned()] });
+    }
     let cluster_ips = if full { svc.cluster_ips_of(family) } else { Vec::new() };
     let lb_ips = svc.lb_ips_of(family);
     let mut outside_ips = if full { svc.external_ips_of(family) } else { Vec::new() };
@@ -712,7 +784,7 @@ fn build_service(
             }
         }
         let fw_chain = format!("fw-{h}");
-        if !svc.source_ranges.is_empty() {
+        if svc.firewalled() {
             for ip in &lb_ips {
                 let k = format!("{ip} . {proto} . {}", port.port);
                 claim(elements, FIREWALL_IPS, k, &format!("goto {fw_chain}"));
@@ -769,12 +841,12 @@ fn build_service(
         if svc_used {
             let mut rules = Vec::new();
             rules.extend(dispatch(&id, port, &all, 0, slot.as_ref(), svc.affinity_timeout, &f));
-            let comment = format!("{id}: all endpoints");
+            let comment = service_comment(&id, "all endpoints");
             objects.chains.insert(svc_chain.clone(), Chain { comment, rules });
         }
         if local_used {
             let rules = dispatch(&id, port, &local, all.len(), slot.as_ref(), svc.affinity_timeout, &f);
-            let comment = format!("{id}: local endpoints");
+            let comment = service_comment(&id, "local endpoints");
             objects.chains.insert(local_chain.clone(), Chain { comment, rules });
         }
         if has_outside && !all.is_empty() {
@@ -796,18 +868,28 @@ fn build_service(
                     format!("goto {svc_chain}"),
                 ]
             };
-            let comment = format!("{id}: external traffic");
+            let comment = service_comment(&id, "external traffic");
             objects.chains.insert(ext_chain, Chain { comment, rules });
         }
-        if !svc.source_ranges.is_empty() && !lb_ips.is_empty() {
+        if svc.firewalled() && !lb_ips.is_empty() {
             let ranges = svc.source_ranges_of(family);
-            let rule = if ranges.is_empty() {
+            let rule = if svc.source_ranges_unreadable {
+                "drop comment \"an unreadable loadBalancerSourceRanges entry: closed to all\"".to_owned()
+            } else if ranges.is_empty() {
                 "drop comment \"no loadBalancerSourceRanges of this family\"".to_owned()
             } else {
-                let set = ranges.into_iter().map(|n| canonical(n).to_string()).collect::<Vec<_>>().join(", ");
+                // kube-proxy's allowFromNode: a range holding this node's address lets the node in,
+                // and a node with the LB IP on a local interface sends from the LB IP itself.
+                let node_ips = model.nodeport_ips();
+                let from_node = ranges.iter().any(|n| node_ips.iter().any(|ip| n.contains(*ip)));
+                let mut set: Vec<String> = ranges.into_iter().map(|n| canonical(n).to_string()).collect();
+                if from_node {
+                    set.extend(lb_ips.iter().map(ToString::to_string));
+                }
+                let set = set.join(", ");
                 format!("{a} saddr != {{ {set} }} drop comment \"loadBalancerSourceRanges\"")
             };
-            let comment = format!("{id}: source ranges");
+            let comment = service_comment(&id, "source ranges");
             objects.chains.insert(fw_chain, Chain { comment, rules: vec![rule] });
         }
     }
@@ -992,6 +1074,7 @@ mod tests {
             mode,
             node_ips: vec![ip("192.0.2.11"), ip("127.0.0.1")],
             pod_cidrs: vec![net("198.18.1.0/24")],
+            service_cidrs: vec![],
             services: services.into_iter().map(|(name, svc)| (ServiceKey::new("default", name), svc)).collect(),
         }
     }
@@ -1213,6 +1296,47 @@ mod tests {
         assert!(text.contains("192.0.2.200 . tcp . 80 : goto ext-"));
     }
 
+    /// kube-proxy's "Drop traffic to unallocated ClusterIPs", in the full data plane only; the
+    /// rule is in a base chain, so a change of the service CIDRs is a full sync.
+    #[test]
+    fn unallocated_service_cidr_addresses_are_dropped() {
+        let mut m = model(Mode::Full, vec![("lb", lb(false))]);
+        assert!(!render_full(&m).contains("unallocated"), "no service CIDR known: no rule");
+        m.service_cidrs = vec![net("198.19.0.0/16"), net("2001:db8:ff::/112")];
+        let text = render_full(&m);
+        assert!(
+            text.contains(
+                "add chain ip ferrolb cluster-ips-check { ip daddr @cluster-ips reject comment \"no service on \
+                 this cluster IP port\" ; ip daddr { 198.19.0.0/16 } drop comment \"unallocated address of a \
+                 service CIDR\" ; }"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("2001:db8:ff::"), "the other family's CIDR stays out:\n{text}");
+        let mut lb_only = m.clone();
+        lb_only.mode = Mode::LbOnly;
+        assert!(!render_full(&lb_only).contains("198.19.0.0/16"), "beside kube-proxy, kube-proxy drops");
+        let mut prev = m.clone();
+        prev.service_cidrs.clear();
+        let partial = render_partial(&prev, &m);
+        assert!(partial.full && partial.now.contains("ip daddr { 198.19.0.0/16 } drop"));
+        assert!(!render_partial(&m, &m.clone()).full);
+    }
+
+    /// kube-proxy's allowFromNode: a source range holding this node's address (never loopback)
+    /// also admits the Service's LB IPs as sources, which is what a node with the LB IP on a
+    /// local interface sends from.
+    #[test]
+    fn a_source_range_holding_the_node_admits_the_lb_ips() {
+        let mut svc = lb(false);
+        svc.source_ranges = vec![net("203.0.113.0/24"), net("127.0.0.0/8")];
+        let text = render_full(&model(Mode::Full, vec![("lb", svc.clone())]));
+        assert!(text.contains("ip saddr != { 127.0.0.0/8, 203.0.113.0/24 } drop"), "{text}");
+        svc.source_ranges.push(net("192.0.2.0/28"));
+        let text = render_full(&model(Mode::Full, vec![("lb", svc)]));
+        assert!(text.contains("ip saddr != { 127.0.0.0/8, 192.0.2.0/28, 203.0.113.0/24, 192.0.2.200 } drop"), "{text}");
+    }
+
     /// A port whose hashed range is taken gets the next candidate that fits, the same one every
     /// time, and ranges never overlap or pass 2^32.
     #[test]
@@ -1325,6 +1449,69 @@ mod tests {
         assert!(!chains.is_empty());
         assert!(!back.now.is_empty());
         assert_eq!(render_cleanup(&prev, &chains, &sets, &hairpin), "");
+    }
+
+    /// The longest names the API server accepts: namespace 63, Service 63, port name 63, node
+    /// name 253 characters.
+    fn longest_names() -> Model {
+        let ns = format!("n{}", "s".repeat(62));
+        let name = format!("s{}", "v".repeat(62));
+        let port_name = format!("p{}", "-x".repeat(31));
+        let mut m = fixtures()[2].1.clone(); // LoadBalancer, Cluster policy: every chain kind.
+        m.node = "n".repeat(253);
+        let mut svc = m.services.pop_first().unwrap().1;
+        svc.source_ranges = vec![net("203.0.113.0/24")];
+        svc.ports[0].name = port_name.clone();
+        for e in &mut svc.ports[0].endpoints {
+            e.node = Some(m.node.clone());
+        }
+        let mut local = svc.clone();
+        local.external_local = true;
+        local.lb_ips = vec![ip("192.0.2.210")];
+        local.cluster_ips = vec![ip("198.19.0.40")];
+        local.ports[0].node_port = None;
+        local.affinity_timeout = Some(86400);
+        m.services.insert(ServiceKey::new(&ns, &name), svc);
+        // Same start, another end: the cut comments must still differ.
+        m.services.insert(ServiceKey::new(&ns, format!("{}w", &name[..62])), local);
+        assert_eq!((ns.len(), name.len(), port_name.len(), m.node.len()), (63, 63, 63, 253));
+        m
+    }
+
+    #[test]
+    fn longest_names_stay_within_nft_limits() {
+        let m = longest_names();
+        let text = render_full(&m);
+        let mut comments = BTreeSet::new();
+        for (i, part) in text.split("comment \"").enumerate().skip(1) {
+            let comment = part.split('"').next().unwrap();
+            assert!(comment.len() <= COMMENT_MAX, "comment {i} has {} bytes: {comment}", comment.len());
+            comments.insert(comment.to_owned());
+        }
+        let cut: Vec<&String> = comments.iter().filter(|c| c.contains('~')).collect();
+        assert_eq!(cut.len(), 7, "svc, ext, fw of the first; svc, local, ext, fw of the second: {cut:#?}");
+        for l in text.lines() {
+            for word in l.split([' ', '@']).filter(|w| w.starts_with("svc-") || w.starts_with("aff-")) {
+                assert!(word.len() < 256, "{word}");
+            }
+        }
+        // Whatever a name holds, a comment stays one safe string.
+        let odd = service_comment("a\"b\nc;é/\\", "all endpoints");
+        assert_eq!(odd, "a_b_c__/_: all endpoints");
+        assert_eq!(bounded_comment(&"é".repeat(200)).len(), COMMENT_MAX);
+        let short = service_comment("ns/name/http/tcp", "all endpoints");
+        assert_eq!(short, "ns/name/http/tcp: all endpoints");
+    }
+
+    #[test]
+    fn nft_loads_the_longest_names() {
+        let m = longest_names();
+        let (full, partial) = (file(&render_full(&m)), file(&render_partial(&fixtures()[2].1, &m).now));
+        let (full, partial) = (full.path().display(), partial.path().display());
+        let base = file(&render_full(&fixtures()[2].1));
+        let base = base.path().display();
+        let listed = in_netns(&format!("nft -f {full}; nft list table ip ferrolb; nft -f {base}; nft -f {partial}"));
+        assert!(listed.contains("~"), "{listed}");
     }
 
     // ---- real nftables, in a throw-away network namespace ----

@@ -13,6 +13,12 @@
 //! a missing table and connections already NATed keep their conntrack entries; where there is
 //! no table yet, it creates an empty one first (`create table`, which fails if there is one) and
 //! fills it.
+//!
+//! One bad Service never stops the rest: when `nft` refuses a transaction, the runner finds the
+//! Services responsible ([`find_rejected`]: `nft -c` over halves of the services, rendered alone
+//! into a scratch check that touches nothing), leaves them out (each keeps the rules it had last
+//! time it was accepted, if any) and applies everything else. A left-out Service is tried again
+//! when it changes. A refusal no single Service explains stays a failure.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
@@ -21,7 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use super::model::{Family, Model};
+use super::model::{Family, Model, ServiceKey, ServiceModel};
 use super::render::{render_cleanup, render_create, render_create_table, render_delete, render_full, render_partial};
 
 /// Why a sync failed.
@@ -63,9 +69,20 @@ impl Default for NftCommand {
 impl NftCommand {
     /// Runs `script` as one transaction (`nft -f -`).
     pub async fn run(&self, script: &str) -> Result<(), Error> {
+        self.run_with(&[], script).await
+    }
+
+    /// Checks `script` without applying it (`nft -c -f -`): the kernel validates the transaction
+    /// and discards it.
+    pub async fn check(&self, script: &str) -> Result<(), Error> {
+        self.run_with(&["-c"], script).await
+    }
+
+    async fn run_with(&self, extra: &[&str], script: &str) -> Result<(), Error> {
         let spawn_err = |source| Error::Spawn { program: self.program.clone(), source };
         let mut child = Command::new(&self.program)
             .args(&self.args)
+            .args(extra)
             .args(["-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -134,6 +151,19 @@ struct Applied {
     stale_sets: BTreeSet<String>,
     /// Hairpin elements of former endpoints left for [`Runner::cleanup`].
     stale_hairpin: BTreeSet<String>,
+    /// Since when stale objects wait for a cleanup (`None`: there are none).
+    stale_since: Option<Instant>,
+}
+
+/// A Service left out of a family's table because `nft` refused its rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    /// The Service's model as it was refused: while it stays the same, it is not tried again.
+    pub refused: ServiceModel,
+    /// What `nft` said about the Service's rules rendered alone (first lines).
+    pub nft: String,
+    /// Whether its rules from before (the last version accepted) stay in the table.
+    pub kept_previous: bool,
 }
 
 /// Applies models, keeping what it applied last per family.
@@ -143,22 +173,91 @@ pub struct Runner {
     nft: NftCommand,
     /// Per family: what was applied (absent: nothing yet, or the last sync failed).
     applied: BTreeMap<Family, Applied>,
+    /// Per family, after a failed sync: the model the kernel held before it (what a left-out
+    /// Service keeps).
+    before_failure: BTreeMap<Family, Model>,
+    /// Per family: the Services left out, by key.
+    rejected: BTreeMap<Family, BTreeMap<ServiceKey, Rejected>>,
 }
 
 impl Runner {
     /// A runner that starts with nothing applied (its first sync per family is a full one).
     pub fn new(nft: NftCommand) -> Self {
-        Self { nft, applied: BTreeMap::new() }
+        Self { nft, ..Self::default() }
     }
 
     /// Makes the kernel's table for `model.family` match `model`: partially when the last sync of
     /// that family succeeded, fully otherwise. On error the next sync is a full one.
+    ///
+    /// Services whose rules `nft` refuses are left out (see [`Runner::rejected`]) and the rest is
+    /// applied: that is a success. A refusal that no single Service explains is an error.
     pub async fn apply(&mut self, model: Model) -> Result<Synced, Error> {
+        let family = model.family;
+        // A left-out Service is tried again once it changes (or goes away).
+        let rejected = self.rejected.entry(family).or_default();
+        rejected.retain(|key, r| model.services.get(key) == Some(&r.refused));
+        let effective = self.without_rejected(model.clone());
+        let err = match self.apply_as_is(effective).await {
+            Ok(synced) => return Ok(synced),
+            Err(e @ Error::Rejected { .. }) => e,
+            Err(e) => return Err(e),
+        };
+        let nft = self.nft.clone();
+        let culprits = find_rejected(model.services.keys().cloned().collect(), async |keys: &[ServiceKey]| {
+            let mut alone = model.clone();
+            alone.services.retain(|k, _| keys.binary_search(k).is_ok());
+            match nft.check(&render_full(&alone)).await {
+                Ok(()) => Ok(None),
+                Err(Error::Rejected { stderr, .. }) => Ok(Some(stderr)),
+                Err(e) => Err(e),
+            }
+        })
+        .await?;
+        if culprits.is_empty() {
+            return Err(err);
+        }
+        let before = self.before_failure.get(&family);
+        let rejected = self.rejected.entry(family).or_default();
+        for (key, words) in culprits {
+            let kept_previous = before.is_some_and(|b| b.services.contains_key(&key));
+            tracing::warn!(service = %key, ?family, kept_previous, nft = %words, "nft refused a service's rules: left out");
+            let refused = model.services.get(&key).cloned().unwrap_or_default();
+            rejected.insert(key, Rejected { refused, nft: words, kept_previous });
+        }
+        let effective = self.without_rejected(model);
+        self.apply_as_is(effective).await
+    }
+
+    /// `model` with each left-out Service as it was last accepted, or without it.
+    fn without_rejected(&self, mut model: Model) -> Model {
+        let family = model.family;
+        let Some(rejected) = self.rejected.get(&family).filter(|r| !r.is_empty()) else { return model };
+        let before = self.applied.get(&family).map(|a| &a.model).or_else(|| self.before_failure.get(&family));
+        for key in rejected.keys() {
+            match before.and_then(|b| b.services.get(key)) {
+                Some(svc) => model.services.insert(key.clone(), svc.clone()),
+                None => model.services.remove(key),
+            };
+        }
+        model
+    }
+
+    /// The Services left out of `family`'s table, with why.
+    pub fn rejected(&self, family: Family) -> impl Iterator<Item = (&ServiceKey, &Rejected)> {
+        self.rejected.get(&family).into_iter().flatten()
+    }
+
+    /// [`Runner::apply`] without leaving anything out.
+    async fn apply_as_is(&mut self, model: Model) -> Result<Synced, Error> {
         let start = Instant::now();
         let family = model.family;
-        let (kind, script, stale) = match self.applied.remove(&family) {
+        let prev = self.applied.remove(&family);
+        let prev_stale_since = prev.as_ref().and_then(|p| p.stale_since);
+        let mut prev_model = None;
+        let (kind, script, stale) = match prev {
             Some(prev) => {
                 let partial = render_partial(&prev.model, &model);
+                prev_model = Some(prev.model);
                 if partial.full {
                     (SyncKind::Full, partial.now, None)
                 } else {
@@ -181,11 +280,18 @@ impl Runner {
         };
         let prepared = start.elapsed();
         let ran = !script.is_empty();
-        if ran {
-            self.nft.run(&script).await?;
+        if ran && let Err(e) = self.nft.run(&script).await {
+            // The transaction changed nothing: the kernel still holds what it held before.
+            if let Some(prev) = prev_model {
+                self.before_failure.insert(family, prev);
+            }
+            return Err(e);
         }
+        self.before_failure.remove(&family);
         let (stale_chains, stale_sets, stale_hairpin) = stale.unwrap_or_default();
-        self.applied.insert(family, Applied { model, stale_chains, stale_sets, stale_hairpin });
+        let has_stale = !stale_chains.is_empty() || !stale_sets.is_empty() || !stale_hairpin.is_empty();
+        let stale_since = has_stale.then(|| prev_stale_since.unwrap_or(start));
+        self.applied.insert(family, Applied { model, stale_chains, stale_sets, stale_hairpin, stale_since });
         let took = if ran { start.elapsed() } else { Duration::ZERO };
         Ok(Synced { kind, took, prepared, bytes: script.len(), ran })
     }
@@ -195,6 +301,14 @@ impl Runner {
         self.applied
             .values()
             .any(|a| !a.stale_chains.is_empty() || !a.stale_sets.is_empty() || !a.stale_hairpin.is_empty())
+    }
+
+    /// How many stale chains, sets and hairpin elements wait for [`Runner::cleanup`], and since
+    /// when the oldest of them waits.
+    pub fn stale(&self) -> (usize, Option<Instant>) {
+        let count =
+            self.applied.values().map(|a| a.stale_chains.len() + a.stale_sets.len() + a.stale_hairpin.len()).sum();
+        (count, self.applied.values().filter_map(|a| a.stale_since).min())
     }
 
     /// Deletes what partial syncs left behind. Slower than a partial sync (deletions make `nft`
@@ -209,12 +323,15 @@ impl Runner {
             if !script.is_empty()
                 && let Err(e) = self.nft.run(&script).await
             {
-                self.applied.remove(&family);
+                if let Some(a) = self.applied.remove(&family) {
+                    self.before_failure.insert(family, a.model);
+                }
                 return Err(e);
             }
             applied.stale_chains.clear();
             applied.stale_sets.clear();
             applied.stale_hairpin.clear();
+            applied.stale_since = None;
         }
         Ok(())
     }
@@ -222,6 +339,8 @@ impl Runner {
     /// Removes the table of `family` (data plane switched off, or the family is gone).
     pub async fn delete(&mut self, family: Family) -> Result<(), Error> {
         self.applied.remove(&family);
+        self.before_failure.remove(&family);
+        self.rejected.remove(&family);
         self.nft.run(&render_delete(family)).await
     }
 
@@ -229,6 +348,37 @@ impl Runner {
     pub fn last(&self, family: Family) -> Option<&Model> {
         self.applied.get(&family).map(|a| &a.model)
     }
+}
+
+/// The keys whose part of a transaction `check` refuses, with what it said about each alone.
+///
+/// `check(keys)` checks the transaction made of `keys` only: `Ok(None)` accepted, `Ok(Some(why))`
+/// refused, `Err` cannot tell (then so cannot this). Bisection: a refused group is split in
+/// halves and each half checked, down to single keys, so one bad key among `n` costs about
+/// `2 log2 n` checks. Empty when nothing is to blame on single keys: the transaction of no key at
+/// all is refused (nft or the table is broken), all of them together are accepted (the refusal
+/// came from elsewhere), or only a combination of keys is refused.
+pub async fn find_rejected<K: Clone, E>(
+    keys: Vec<K>,
+    mut check: impl AsyncFnMut(&[K]) -> Result<Option<String>, E>,
+) -> Result<Vec<(K, String)>, E> {
+    if check(&[]).await?.is_some() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    let mut groups = vec![keys];
+    while let Some(group) = groups.pop() {
+        let Some(why) = check(&group).await? else { continue };
+        if let [key] = group.as_slice() {
+            found.push((key.clone(), why));
+        } else if group.len() > 1 {
+            let mut first = group;
+            let second = first.split_off(first.len() / 2);
+            groups.push(second);
+            groups.push(first);
+        }
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -250,6 +400,7 @@ mod tests {
             mode: Mode::Full,
             node_ips: vec![ip("192.0.2.11")],
             pod_cidrs: vec!["198.18.1.0/24".parse().unwrap()],
+            service_cidrs: vec![],
             services: services
                 .iter()
                 .map(|(name, cluster_ip, eps)| {
@@ -366,6 +517,99 @@ mod tests {
 
         runner.delete(Family::V4).await.unwrap();
         assert!(!ns.sh("nft list tables").contains("ferrolb"));
+    }
+
+    /// The bisection finds every single bad key, and only them, in few checks.
+    #[tokio::test]
+    async fn find_rejected_bisects_to_single_keys() {
+        let keys: Vec<u32> = (0..1000).collect();
+        let bad = [17, 600];
+        let mut checks = 0;
+        let found = find_rejected(keys.clone(), async |group: &[u32]| {
+            checks += 1;
+            Ok::<_, ()>(group.iter().find(|k| bad.contains(k)).map(|k| format!("refused {k}")))
+        })
+        .await
+        .unwrap();
+        assert_eq!(found, [(17, "refused 17".to_owned()), (600, "refused 600".to_owned())]);
+        assert!(checks <= 2 + 2 * 2 * 10, "{checks} checks");
+
+        // Nothing to blame on a key: everything refused, nothing refused, or only a pair.
+        let all = find_rejected(keys.clone(), async |_: &[u32]| Ok::<_, ()>(Some("broken".into()))).await;
+        assert_eq!(all, Ok(vec![]));
+        let none = find_rejected(keys.clone(), async |_: &[u32]| Ok::<_, ()>(None)).await;
+        assert_eq!(none, Ok(vec![]));
+        let pair = find_rejected(keys.clone(), async |g: &[u32]| {
+            Ok::<_, ()>((g.contains(&1) && g.contains(&999)).then(|| "pair".to_owned()))
+        })
+        .await;
+        assert_eq!(pair, Ok(vec![]));
+        let err =
+            find_rejected(keys, async |g: &[u32]| if g.len() < 10 { Err("no nft") } else { Ok(Some(String::new())) });
+        assert_eq!(err.await, Err("no nft"));
+    }
+
+    /// `nft` in the namespace behind a wrapper that refuses any transaction naming 198.19.0.66,
+    /// as it would refuse a Service it cannot take.
+    fn refusing_nft(ns: &Netns) -> NftCommand {
+        let inner = ns.nft();
+        let script = "input=$(cat); case \"$input\" in *198.19.0.66*) \
+                      echo 'Error: the test refuses 198.19.0.66' >&2; exit 1;; esac; \
+                      printf '%s\\n' \"$input\" | \"$@\"";
+        let mut args = vec!["-c".to_owned(), script.to_owned(), "sh".to_owned(), inner.program];
+        args.extend(inner.args);
+        NftCommand { program: "sh".into(), args }
+    }
+
+    #[tokio::test]
+    async fn a_refused_service_is_left_out_and_the_rest_applied() {
+        let ns = Netns::new();
+        let mut runner = Runner::new(refusing_nft(&ns));
+        let start = model(&[("web", "198.19.0.10", &["198.18.1.2"]), ("api", "198.19.0.11", &["198.18.1.2"])]);
+        runner.apply(start).await.unwrap();
+
+        // A bad Service arrives while another one changes: the change is applied, the bad one
+        // left out (it had no rules), and the sync is a success.
+        let with_bad = model(&[
+            ("web", "198.19.0.10", &["198.18.1.3"]),
+            ("api", "198.19.0.11", &["198.18.1.2"]),
+            ("bad", "198.19.0.66", &["198.18.1.2"]),
+        ]);
+        runner.apply(with_bad.clone()).await.unwrap();
+        let rejected: Vec<(&ServiceKey, &Rejected)> = runner.rejected(Family::V4).collect();
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].0, &ServiceKey::new("default", "bad"));
+        assert!(rejected[0].1.nft.contains("the test refuses") && !rejected[0].1.kept_previous, "{:?}", rejected[0]);
+        let listing = ns.sh("nft list table ip ferrolb");
+        assert!(listing.contains(": 198.18.1.3") && listing.contains("198.19.0.11 . tcp . 80"), "{listing}");
+        assert!(!listing.contains("198.19.0.66"), "{listing}");
+
+        // While it stays the same it is not tried again: later changes are partial syncs.
+        let mut next = with_bad.clone();
+        next.services.get_mut(&ServiceKey::new("default", "web")).unwrap().ports[0].endpoints[0].port = 8081;
+        assert_eq!(runner.apply(next.clone()).await.unwrap().kind, SyncKind::Partial);
+        assert_eq!(runner.rejected(Family::V4).count(), 1);
+
+        // A Service that had rules and turns bad keeps the ones it had.
+        let mut api_bad = next.clone();
+        api_bad.services.get_mut(&ServiceKey::new("default", "api")).unwrap().cluster_ips = vec![ip("198.19.0.66")];
+        runner.apply(api_bad).await.unwrap();
+        let api = runner.rejected(Family::V4).find(|(k, _)| k.name == "api").map(|(_, r)| r.clone()).unwrap();
+        assert!(api.kept_previous);
+        let listing = ns.sh("nft list table ip ferrolb");
+        assert!(listing.contains("198.19.0.11 . tcp . 80") && listing.contains(":8081"), "{listing}");
+
+        // Fixed (or gone): tried again, and nothing is left out.
+        let fixed = model(&[("web", "198.19.0.10", &["198.18.1.3"]), ("api", "198.19.0.12", &["198.18.1.2"])]);
+        runner.apply(fixed).await.unwrap();
+        assert_eq!(runner.rejected(Family::V4).count(), 0);
+        assert!(ns.sh("nft list table ip ferrolb").contains("198.19.0.12 . tcp . 80"));
+
+        // A refusal of everything is no Service's fault: a plain failure, nothing left out.
+        let mut broken = Runner::new(NftCommand { program: "false".into(), args: vec![] });
+        let err = broken.apply(model(&[("web", "198.19.0.10", &["198.18.1.2"])])).await.unwrap_err();
+        assert_eq!(err.metric_label(), "rejected");
+        assert_eq!(broken.rejected(Family::V4).count(), 0);
     }
 
     #[tokio::test]

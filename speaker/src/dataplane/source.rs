@@ -22,7 +22,7 @@ use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::model::{Endpoint, Family, Mode, Model, PortModel, Protocol, ServiceKey, ServiceModel};
+use super::model::{Endpoint, Family, Mode, Model, PortModel, Protocol, ServiceKey, ServiceModel, Warning};
 
 /// The label that ties an EndpointSlice to its service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -44,6 +44,8 @@ pub struct SourceSettings {
     pub node_ips: Vec<IpAddr>,
     /// This node's pod CIDRs; empty: `spec.podCIDRs` of our Node.
     pub pod_cidrs: Vec<IpNetwork>,
+    /// externalIPs are honoured only within these (`--external-ip-cidrs`); empty: any.
+    pub external_ip_cidrs: Vec<IpNetwork>,
 }
 
 /// The model of `family` for these objects.
@@ -54,6 +56,19 @@ pub fn build_model<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     nodes: impl IntoIterator<Item = &'a Node>,
 ) -> Model {
+    build_model_with_warnings(settings, family, services, slices, nodes).0
+}
+
+/// [`build_model`], and what the owners of the Services must be told about how their objects
+/// were read (parts left out or closed).
+pub fn build_model_with_warnings<'a>(
+    settings: &SourceSettings,
+    family: Family,
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    nodes: impl IntoIterator<Item = &'a Node>,
+) -> (Model, Vec<Warning>) {
+    let mut warnings = Vec::new();
     let ours = nodes.into_iter().find(|n| n.metadata.name.as_deref() == Some(settings.node.as_str()));
     let node_ips = if settings.node_ips.is_empty() {
         ours.map(internal_ips).unwrap_or_default()
@@ -77,15 +92,36 @@ pub fn build_model<'a>(
         list.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     }
 
-    let services = services
-        .into_iter()
+    let cluster: Vec<&Service> = services.into_iter().collect();
+    let mut services: BTreeMap<ServiceKey, ServiceModel> = cluster
+        .iter()
+        .copied()
         .filter_map(|svc| {
             let key = ServiceKey::new(svc.metadata.namespace.as_deref()?, svc.metadata.name.as_deref()?);
             let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
-            service_model(svc, family, slices).map(|m| (key, m))
+            let m = service_model(svc, family, slices)?;
+            if m.source_ranges_unreadable {
+                warnings.extend(source_range_warnings(&key, svc));
+            }
+            Some((key, m))
         })
         .collect();
-    Model { node: settings.node.clone(), family, mode: settings.mode, node_ips, pod_cidrs, services }
+    if settings.mode == Mode::Full {
+        // Beside kube-proxy (LbOnly), externalIPs are kube-proxy's.
+        warnings.extend(super::claims::settle_external_ips(&mut services, cluster, &settings.external_ip_cidrs));
+    }
+    (
+        Model {
+            node: settings.node.clone(),
+            family,
+            mode: settings.mode,
+            node_ips,
+            pod_cidrs,
+            service_cidrs: Vec::new(),
+            services,
+        },
+        warnings,
+    )
 }
 
 /// One service in `family`, or `None` when it gets no rules there.
@@ -132,8 +168,11 @@ pub fn service_model(svc: &Service, family: Family, slices: &[&EndpointSlice]) -
             .filter(|t| *t > 0)
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
     });
-    let source_ranges =
-        spec.load_balancer_source_ranges.iter().flatten().filter_map(|r| r.trim().parse::<IpNetwork>().ok()).collect();
+    let (mut source_ranges, unreadable) = read_source_ranges(spec.load_balancer_source_ranges.iter().flatten());
+    // A zero-length prefix of this family means "allow any", as kube-proxy reads it.
+    if unreadable.is_empty() && source_ranges.iter().any(|n| n.prefix() == 0 && Family::of(&n.ip()) == family) {
+        source_ranges.clear();
+    }
     let health_check_node_port = spec
         .health_check_node_port
         .filter(|_| kind == "LoadBalancer" && external_local)
@@ -164,8 +203,87 @@ pub fn service_model(svc: &Service, family: Family, slices: &[&EndpointSlice]) -
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         affinity_timeout,
         source_ranges,
+        source_ranges_unreadable: !unreadable.is_empty(),
         health_check_node_port,
     })
+}
+
+/// The Event reason for a `loadBalancerSourceRanges` entry that cannot be read.
+pub const INVALID_SOURCE_RANGE: &str = "InvalidSourceRange";
+
+/// `loadBalancerSourceRanges` read as kube-proxy reads them (whitespace trimmed, then
+/// [`parse_cidr_sloppy`]), and the entries that could not be read at all.
+fn read_source_ranges<'a>(entries: impl Iterator<Item = &'a String>) -> (Vec<IpNetwork>, Vec<&'a str>) {
+    let mut nets = Vec::new();
+    let mut unreadable = Vec::new();
+    for entry in entries {
+        match parse_cidr_sloppy(entry.trim()) {
+            Some(net) => nets.push(net),
+            None => unreadable.push(entry.as_str()),
+        }
+    }
+    (nets, unreadable)
+}
+
+/// What the owner of `svc` must hear about its unreadable `loadBalancerSourceRanges` entries.
+fn source_range_warnings(key: &ServiceKey, svc: &Service) -> Vec<Warning> {
+    let entries = svc.spec.as_ref().and_then(|s| s.load_balancer_source_ranges.as_ref());
+    let (_, unreadable) = read_source_ranges(entries.into_iter().flatten());
+    if unreadable.is_empty() {
+        return Vec::new();
+    }
+    let list: Vec<String> = unreadable.iter().map(|e| format!("{e:?}")).collect();
+    let message = format!(
+        "loadBalancerSourceRanges entry {} cannot be read as a CIDR: the Service's LoadBalancer IPs are \
+         closed to every source until it is corrected (write each entry like 203.0.113.0/24)",
+        list.join(", ")
+    );
+    vec![Warning { service: key.clone(), reason: INVALID_SOURCE_RANGE, message }]
+}
+
+/// Reads a CIDR the way the API server and kube-proxy always have, Go's legacy parser
+/// (`netutils.ParseCIDRSloppy`), so that objects stored by older releases keep meaning what they
+/// meant: IPv4 parts may have leading zeros and are decimal (`010.0.0.0/8` is 10.0.0.0/8, not
+/// octal), so may the prefix length; host bits may be set and are cleared (`192.0.2.5/24` is
+/// 192.0.2.0/24); IPv6 in any notation, with zero compression and a dotted IPv4 tail (itself
+/// read sloppily). Whitespace is the caller's to trim. `None`: not a CIDR at all.
+pub fn parse_cidr_sloppy(s: &str) -> Option<IpNetwork> {
+    let (addr, prefix) = s.split_once('/')?;
+    let prefix = legacy_decimal(prefix)?;
+    let ip = if addr.contains(':') {
+        let addr = match addr.rsplit_once(':') {
+            Some((head, tail)) if tail.contains('.') => {
+                let [a, b, c, d] = parse_ipv4_sloppy(tail)?.octets();
+                format!("{head}:{:x}:{:x}", u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d]))
+            }
+            _ => addr.to_owned(),
+        };
+        IpAddr::V6(addr.parse().ok()?)
+    } else {
+        IpAddr::V4(parse_ipv4_sloppy(addr)?)
+    };
+    let prefix = u8::try_from(prefix).ok()?;
+    let net = IpNetwork::new(ip, prefix).ok()?;
+    IpNetwork::new(net.network(), prefix).ok()
+}
+
+/// Go's legacy IPv4 parser: four decimal parts, each any number of digits (leading zeros
+/// included) with a value up to 255.
+fn parse_ipv4_sloppy(s: &str) -> Option<std::net::Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = s.split('.');
+    for o in &mut octets {
+        *o = u8::try_from(legacy_decimal(parts.next()?)?).ok()?;
+    }
+    parts.next().is_none().then_some(std::net::Ipv4Addr::from(octets))
+}
+
+/// Go's legacy `dtoi`: one or more ASCII digits, below 2^24.
+fn legacy_decimal(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.bytes().try_fold(0u32, |n, b| Some(n * 10 + u32::from(b - b'0')).filter(|n| *n < 0xFF_FFFF))
 }
 
 /// The endpoints of the service port `name`/`proto`, merged over `slices` (sorted by name).
@@ -185,10 +303,8 @@ fn endpoints(slices: &[&EndpointSlice], name: &str, proto: Protocol, family: Fam
             });
         let Some(port) = port.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()) else { continue };
         for ep in slice.endpoints.iter().flatten() {
-            let c = ep.conditions.as_ref();
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let ferrolb_config::EndpointState { ready, serving, terminating } =
+                ferrolb_config::EndpointState::of(ep.conditions.as_ref());
             // kube-proxy uses the first address of an endpoint.
             let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
             if Family::of(&ip) != family {
@@ -222,8 +338,7 @@ fn of_family<'a>(ips: impl Iterator<Item = &'a str>, family: Family) -> Vec<IpAd
 
 /// A Node's InternalIP addresses.
 pub fn internal_ips(node: &Node) -> Vec<IpAddr> {
-    let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
-    addresses.into_iter().flatten().filter(|a| a.type_ == "InternalIP").filter_map(|a| a.address.parse().ok()).collect()
+    ferrolb_config::internal_ips(node)
 }
 
 /// A Node's `spec.podCIDRs` (or `spec.podCIDR`).
@@ -356,7 +471,7 @@ mod tests {
     }
 
     fn settings(mode: Mode) -> SourceSettings {
-        SourceSettings { node: "node-1".into(), mode, node_ips: vec![], pod_cidrs: vec![] }
+        SourceSettings { node: "node-1".into(), mode, node_ips: vec![], pod_cidrs: vec![], external_ip_cidrs: vec![] }
     }
 
     fn build(family: Family, services: &[Service], slices: &[EndpointSlice]) -> Model {
@@ -477,6 +592,69 @@ mod tests {
         assert_eq!(flags, [(true, true, false), (false, false, true), (false, true, true)]);
     }
 
+    /// Every form the API server accepted before 1.36, read as Go's legacy parser reads it.
+    #[test]
+    fn source_ranges_read_legacy_forms() {
+        let net = |s: &str| Some(s.parse::<IpNetwork>().unwrap());
+        for (entry, want) in [
+            ("010.0.0.0/8", net("10.0.0.0/8")),
+            ("192.000.002.000/24", net("192.0.2.0/24")),
+            ("192.0.2.5/24", net("192.0.2.0/24")),
+            ("0.0.0.0/0", net("0.0.0.0/0")),
+            ("203.0.113.7/032", net("203.0.113.7/32")),
+            ("2001:db8::/32", net("2001:db8::/32")),
+            ("2001:0db8:0000::1/48", net("2001:db8::/48")),
+            ("2001:db8::5/64", net("2001:db8::/64")),
+            ("::/0", net("::/0")),
+            ("::ffff:192.000.002.000/120", net("::ffff:192.0.2.0/120")),
+            ("0000000192.0.2.0/24", net("192.0.2.0/24")),
+            ("", None),
+            ("192.0.2.0", None),
+            ("256.0.0.0/8", None),
+            ("192.0.2.0/33", None),
+            ("2001:db8::/129", None),
+            ("192.0.2.0/-1", None),
+            ("192.0.2/24", None),
+            ("192.0.2.0.1/24", None),
+            ("0x0a.0.0.0/8", None),
+            ("192.0.2.0/24/1", None),
+            ("2001:db8::g/64", None),
+        ] {
+            assert_eq!(parse_cidr_sloppy(entry), want, "{entry:?}");
+        }
+    }
+
+    /// An entry that cannot be read closes the LoadBalancer IPs to all, with a warning; one
+    /// padded with whitespace reads as kube-proxy reads it; `/0` of a family opens that family.
+    #[test]
+    fn unreadable_source_ranges_close_and_warn() {
+        let lb = |ranges: &[&str]| {
+            let mut s = svc("lb", "LoadBalancer", &["198.19.0.10", "2001:db8:ff::10"], &[("", "TCP", 80, Some(31000))]);
+            s.spec.as_mut().unwrap().load_balancer_source_ranges = Some(ranges.iter().map(|r| r.to_string()).collect());
+            with_ingress(s, &[("192.0.2.200", None), ("2001:db8:1::c8", None)])
+        };
+        let nodes = [node("node-1", &["192.0.2.11"], &[])];
+        let read = |s: Service, family| {
+            let (m, w) = build_model_with_warnings(&settings(Mode::Full), family, [&s], [], &nodes);
+            (m.services[&key("lb")].clone(), w)
+        };
+        let (m, w) = read(lb(&[" 010.0.0.0/8 ", "192.0.2.5/24"]), Family::V4);
+        assert!(!m.source_ranges_unreadable && w.is_empty());
+        assert_eq!(m.source_ranges, ["10.0.0.0/8".parse::<IpNetwork>().unwrap(), "192.0.2.0/24".parse().unwrap()]);
+
+        for bad in [&["203.0.113.0/24", "not a range"][..], &[""], &["192.0.2.0/24", "192.0.2.0/40"]] {
+            let (m, w) = read(lb(bad), Family::V4);
+            assert!(m.source_ranges_unreadable && m.firewalled(), "{bad:?}");
+            assert_eq!(w.len(), 1, "{bad:?}");
+            assert_eq!(w[0].reason, INVALID_SOURCE_RANGE);
+            assert!(w[0].message.contains("closed to every source"), "{}", w[0].message);
+        }
+        let (m, w) = read(lb(&["0.0.0.0/0", "2001:db8::/32"]), Family::V4);
+        assert!(!m.firewalled() && w.is_empty(), "/0 of the family allows any, as in kube-proxy");
+        let (m, _) = read(lb(&["0.0.0.0/0", "2001:db8::/32"]), Family::V6);
+        assert!(m.firewalled());
+    }
+
     #[test]
     fn policies_affinity_ranges_and_health_check_port() {
         let mut s = svc("lb", "LoadBalancer", &["198.19.0.10"], &[("", "TCP", 80, Some(31000))]);
@@ -485,13 +663,16 @@ mod tests {
         spec.internal_traffic_policy = Some("Local".into());
         spec.health_check_node_port = Some(32000);
         spec.session_affinity = Some("ClientIP".into());
-        spec.load_balancer_source_ranges = Some(vec!["203.0.113.0/24".into(), "not a range".into()]);
+        spec.load_balancer_source_ranges = Some(vec!["203.0.113.0/24".into(), "198.51.100.0/24".into()]);
         let m = build(Family::V4, std::slice::from_ref(&s), &[]);
         let lb = &m.services[&key("lb")];
         assert!(lb.external_local && lb.internal_local);
         assert_eq!(lb.health_check_node_port, Some(32000));
         assert_eq!(lb.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
-        assert_eq!(lb.source_ranges, ["203.0.113.0/24".parse::<IpNetwork>().unwrap()]);
+        assert_eq!(
+            lb.source_ranges,
+            ["203.0.113.0/24".parse::<IpNetwork>().unwrap(), "198.51.100.0/24".parse().unwrap()]
+        );
 
         s.spec.as_mut().unwrap().session_affinity_config =
             Some(SessionAffinityConfig { client_ip: Some(ClientIPConfig { timeout_seconds: Some(60) }) });

@@ -1,10 +1,11 @@
 //! The data plane loop: watches, models, nft, health check ports, conntrack.
 //!
 //! ```text
-//!   watch Services, EndpointSlices, Nodes ──(change)──> debounce ──> build_model per family
+//!   watch Services, EndpointSlices, Nodes, ServiceCIDRs ──(change)──> debounce ──> build_model per family
 //!        ──> Runner::apply (partial; full at start and after a failure, retried with backoff)
 //!        ──> conntrack: clear stale UDP endpoints ──> health check ports ──> metrics, health
-//!   idle for a while with stale chains left ──> Runner::cleanup
+//!   idle for a while with stale chains left, or too many / too old ones ──> Runner::cleanup
+//!   source warnings + Services nft refused (left out by the runner) ──> one WarningEvents::publish
 //! ```
 //!
 //! On shutdown the tables stay: a restarted speaker takes them over with a full sync, and
@@ -19,13 +20,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::conntrack;
+use super::events::WarningEvents;
 use super::handover::{self, Handover};
 use super::healthcheck::{self, HealthServers};
 use super::metrics::{DataplaneMetrics, FailureLabel, FamilyLabel, SyncLabel};
-use super::model::{Family, Model};
-use super::runner::{NftCommand, Runner, SyncKind};
-use super::source::{SourceSettings, build_model};
+use super::model::{Family, Model, Warning};
+use super::runner::{NftCommand, Rejected, Runner, SyncKind};
+use super::source::{SourceSettings, build_model_with_warnings};
+use super::{claims, conntrack};
 use crate::watch::Cluster;
 
 /// The annotation kube-proxy measures network programming latency from.
@@ -40,17 +42,24 @@ pub struct DataplaneSettings {
     pub families: Vec<Family>,
     /// How to run `nft`.
     pub nft: NftCommand,
-    /// How to run `conntrack` (empty: `conntrack`).
-    pub conntrack: Vec<String>,
+    /// Where stale UDP conntrack entries are cleared, off the sync's path.
+    pub conntrack: conntrack::Cleaner,
     /// Addresses health check node ports listen on (empty: all).
     pub health_check_addresses: Vec<IpAddr>,
     /// Changes arriving within this time are applied together.
     pub debounce: Duration,
     /// Idle time after which stale chains are deleted.
     pub cleanup_after: Duration,
+    /// Stale objects older than this are deleted after the next sync even when changes never
+    /// stop coming (otherwise they would pile up without bound).
+    pub cleanup_max_age: Duration,
+    /// So are they when more than this many wait.
+    pub cleanup_max_stale: usize,
     /// Addresses this node took over from a live node (kept by the announcer, which also applies
     /// them before it announces): put back into the table after each full sync.
     pub handovers: Option<tokio::sync::watch::Receiver<Vec<Handover>>>,
+    /// Where warnings about single Services go (Events and log lines).
+    pub warnings: WarningEvents,
 }
 
 impl DataplaneSettings {
@@ -60,11 +69,14 @@ impl DataplaneSettings {
             source,
             families,
             nft: NftCommand::default(),
-            conntrack: Vec::new(),
+            conntrack: conntrack::Cleaner::default(),
             health_check_addresses: Vec::new(),
             debounce: Duration::from_millis(5),
             cleanup_after: Duration::from_secs(2),
+            cleanup_max_age: Duration::from_secs(5),
+            cleanup_max_stale: 1000,
             handovers: None,
+            warnings: WarningEvents::logs_only(),
         }
     }
 }
@@ -99,21 +111,29 @@ pub async fn run(
             let svcs = services.state();
             let sls = slices.state();
             let nds = nodes.state();
+            let cidrs = cluster.service_cidrs.state();
+            let mut warnings = Vec::new();
             let models: Vec<Model> = settings
                 .families
                 .iter()
                 .map(|f| {
-                    build_model(
+                    let (mut model, w) = build_model_with_warnings(
                         &settings.source,
                         *f,
                         svcs.iter().map(|s| s.as_ref()),
                         sls.iter().map(|s| s.as_ref()),
                         nds.iter().map(|n| n.as_ref()),
-                    )
+                    );
+                    warnings.extend(w);
+                    model.service_cidrs = claims::service_cidrs(cidrs.iter().map(|c| c.as_ref()), *f);
+                    model
                 })
                 .collect();
             let seen = latency.changes(sls.iter().map(|s| s.as_ref()));
-            match apply(&mut runner, &settings, &metrics, models.clone()).await {
+            let result = apply(&mut runner, &settings, &metrics, models.clone()).await;
+            warnings.extend(rejected_warnings(&runner, &settings.families, &metrics));
+            settings.warnings.publish(warnings);
+            match result {
                 Ok(()) => {
                     metrics.applied();
                     backoff = None;
@@ -124,6 +144,13 @@ pub async fn run(
                     let refs: Vec<&Model> = models.iter().collect();
                     for (port, e) in health.sync(&healthcheck::wanted(&refs)).await {
                         tracing::warn!(port, error = %e, "cannot open health check node port");
+                    }
+                    // Under changes that never stop, the idle cleanup below never comes.
+                    let (count, since) = runner.stale();
+                    if count > settings.cleanup_max_stale
+                        || since.is_some_and(|t| t.elapsed() >= settings.cleanup_max_age)
+                    {
+                        clean_up(&mut runner, &metrics).await;
                     }
                 }
                 Err(e) => {
@@ -146,17 +173,69 @@ pub async fn run(
             }
             _ = tokio::time::sleep(retry), if backoff.is_some() => pending = true,
             _ = tokio::time::sleep(cleanup), if runner.has_stale() && backoff.is_none() => {
-                if let Err(e) = runner.cleanup().await {
-                    tracing::warn!(error = %e, "data plane cleanup failed; the next sync is full");
-                    metrics.sync_failures.get_or_create(&FailureLabel { reason: e.metric_label().into() }).inc();
-                }
+                clean_up(&mut runner, &metrics).await;
                 last_sync = Instant::now();
             }
         }
     }
 }
 
-/// Applies every family's model; clears stale UDP flows after partial syncs.
+/// Deletes stale chains and sets; a failure only makes the next sync a full one.
+async fn clean_up(runner: &mut Runner, metrics: &DataplaneMetrics) {
+    let (count, _) = runner.stale();
+    match runner.cleanup().await {
+        Ok(()) => tracing::debug!(count, "stale data plane objects deleted"),
+        Err(e) => {
+            tracing::warn!(error = %e, "data plane cleanup failed; the next sync is full");
+            metrics.sync_failures.get_or_create(&FailureLabel { reason: e.metric_label().into() }).inc();
+        }
+    }
+}
+
+/// The Event reason for a Service whose rules `nft` refused.
+pub const DATAPLANE_REJECTED: &str = "DataplaneRejected";
+
+/// A warning for each Service the runner left out, and the metric of their number per family.
+fn rejected_warnings(runner: &Runner, families: &[Family], metrics: &DataplaneMetrics) -> Vec<Warning> {
+    let mut out = Vec::new();
+    for family in families {
+        let mut n = 0i64;
+        for (key, r) in runner.rejected(*family) {
+            n += 1;
+            out.push(Warning {
+                service: key.clone(),
+                reason: DATAPLANE_REJECTED,
+                message: rejected_message(*family, r),
+            });
+        }
+        metrics.rejected_services.get_or_create(&family_label(*family)).set(n);
+    }
+    out
+}
+
+/// What the owner of a left-out Service reads: what nft said, what happened, what to do.
+fn rejected_message(family: Family, r: &Rejected) -> String {
+    let table = if family == Family::V4 { "ip ferrolb" } else { "ip6 ferrolb" };
+    let kept = if r.kept_previous {
+        "its rules from before its last change stay in place"
+    } else {
+        "it has no rules on this node"
+    };
+    let words: Vec<&str> = r.nft.lines().filter(|l| !l.trim().is_empty()).take(4).collect();
+    format!(
+        "nft refused this Service's rules for table {table}, so they were left out and every other \
+         Service was programmed; {kept}. nft said: {} -- change the part of the Service it names \
+         (it is tried again at its next change), or report it to the ferrolb maintainers with this \
+         message.",
+        words.join(" | ")
+    )
+}
+
+fn family_label(family: Family) -> FamilyLabel {
+    FamilyLabel { family: if family == Family::V4 { "ipv4" } else { "ipv6" }.into() }
+}
+
+/// Applies every family's model; then hands what UDP flows may reach to the conntrack cleaner.
 async fn apply(
     runner: &mut Runner,
     settings: &DataplaneSettings,
@@ -165,7 +244,6 @@ async fn apply(
 ) -> Result<(), super::runner::Error> {
     for model in models {
         let family = model.family;
-        let stale = runner.last(family).map(|prev| conntrack::stale_udp(prev, &model)).unwrap_or_default();
         let no_local = model
             .services
             .values()
@@ -190,12 +268,14 @@ async fn apply(
             let label = SyncLabel { kind: kind.into() };
             metrics.sync_duration.get_or_create(&label).observe(synced.took.as_secs_f64());
         }
-        let family_label = FamilyLabel { family: if family == Family::V4 { "ipv4" } else { "ipv6" }.into() };
-        metrics.no_local_endpoints.get_or_create(&family_label).set(i64::try_from(no_local).unwrap_or(i64::MAX));
-        for s in stale {
-            if let Err(e) = conntrack::clear(&settings.conntrack, &s).await {
-                tracing::warn!(endpoint = %s.ip, port = s.port, error = %e, "cannot clear stale UDP conntrack entries");
-            }
+        metrics
+            .no_local_endpoints
+            .get_or_create(&family_label(family))
+            .set(i64::try_from(no_local).unwrap_or(i64::MAX));
+        // What the kernel now has (without any service left out of the sync): flows it would
+        // not send where they go are stale. The cleaner runs on its own; the sync goes on.
+        if let Some(applied) = runner.last(family) {
+            settings.conntrack.request(family, conntrack::targets(applied));
         }
     }
     Ok(())
