@@ -42,7 +42,10 @@ impl WarningEvents {
     /// Sends Events through `client` as `node`'s speaker; `services` finds the Services' uids.
     pub fn start(client: kube::Client, node: String, services: Store<Service>) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Warning>();
-        let recorder = Recorder::new(client, Reporter { controller: REPORTER.into(), instance: Some(node) });
+        let recorder = Recorder::new(
+            client,
+            Reporter { controller: REPORTER.into(), instance: Some(crate::status::reporting_instance(&node)) },
+        );
         tokio::spawn(async move {
             while let Some(w) = rx.recv().await {
                 let uid = services
