@@ -137,9 +137,14 @@ impl Reconciler {
             });
         }
 
-        for svc in ours {
+        // What every holder asks now comes first (its sharing terms are recorded as it checks):
+        // a Service that just opted in to share must count for one earlier in this pass.
+        let requests: Vec<_> = ours.iter().map(|svc| service::request(svc, labels_of(svc))).collect();
+        let satisfied: Vec<bool> =
+            requests.iter().map(|r| r.as_ref().is_ok_and(|req| self.alloc.satisfies(req))).collect();
+        for ((svc, req), satisfied) in ours.into_iter().zip(requests).zip(satisfied) {
             let key = service::key(svc);
-            let req = match service::request(svc, labels_of(svc)) {
+            let req = match req {
                 Ok(r) => r,
                 Err(msg) => {
                     self.tell(&mut out, svc, true, REASON_FAILED, msg);
@@ -147,7 +152,7 @@ impl Reconciler {
                     continue;
                 }
             };
-            if !self.alloc.satisfies(&req) {
+            if !satisfied {
                 let before = self.alloc.get(&key).map(|a| a.ips.clone());
                 match self.alloc.allocate(&req) {
                     Ok(a) => {
@@ -285,6 +290,40 @@ mod tests {
 
     fn ips_of(services: &[Service]) -> BTreeMap<String, Vec<IpAddr>> {
         services.iter().map(|s| (s.metadata.name.clone().unwrap_or_default(), service::status_ips(s))).collect()
+    }
+
+    /// Sharing across namespaces once both sides opt in, whichever side opts in last, and in one
+    /// pass even when the Service asking comes before the holder in the pass.
+    #[test]
+    fn cross_namespace_sharing_follows_the_last_opt_in() {
+        use ferrolb_api::annotations::{ALLOW_SHARED_IP, ALLOW_SHARED_IP_NAMESPACES};
+        let p = pools(&["192.0.2.200-192.0.2.250"]);
+        let mut r = Reconciler::new(ClassPolicy::default());
+        let annotate = |s: &mut Service, k: &str, v: &str| {
+            s.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(k.into(), v.into());
+        };
+        let mut a = svc("share-a", 0);
+        annotate(&mut a, ALLOW_SHARED_IP.name, "team");
+        let mut services = vec![a];
+        let actions = r.reconcile(&p, &services, &BTreeMap::new());
+        apply(&mut services, &actions);
+        let a_ip = service::status_ips(&services[0]);
+        assert_eq!(a_ip.len(), 1);
+        // Created in the same second as share-a: b/share-b comes first in a pass.
+        let mut b = svc("share-b", 0);
+        b.metadata.namespace = Some("b".into());
+        b.spec.as_mut().unwrap().ports = Some(vec![ServicePort { port: 8091, ..Default::default() }]);
+        annotate(&mut b, ALLOW_SHARED_IP.name, "team");
+        annotate(&mut b, "ferrolb.io/loadBalancerIPs", &a_ip[0].to_string());
+        annotate(&mut b, ALLOW_SHARED_IP_NAMESPACES, "default");
+        services.push(b);
+        let actions = r.reconcile(&p, &services, &BTreeMap::new());
+        apply(&mut services, &actions);
+        assert!(service::status_ips(&services[1]).is_empty(), "one side is not enough");
+        annotate(&mut services[0], ALLOW_SHARED_IP_NAMESPACES, "b, c");
+        let actions = r.reconcile(&p, &services, &BTreeMap::new());
+        apply(&mut services, &actions);
+        assert_eq!(service::status_ips(&services[1]), a_ip, "{actions:#?}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-# ferrolb-speaker: a static (musl) binary on Debian slim with the two tools the data plane runs:
-# nft (`nft -f -`, one transaction per sync) and conntrack (clearing stale UDP entries).
+# ferrolb-speaker: a static (musl) binary on Debian slim with the one tool the data plane runs:
+# nft (`nft -f -`, one transaction per sync). Stale UDP conntrack entries are cleared over
+# ctnetlink by the speaker itself, so the conntrack tool is not needed.
 # Runs as root with only NET_ADMIN and NET_RAW (see the chart's DaemonSet).
 #
 #   docker build -f deploy/images/speaker.Dockerfile -t ghcr.io/ferrolb/ferrolb-speaker:0.1.0 .
@@ -29,7 +30,7 @@ FROM docker.io/library/debian:bookworm-slim
 # nftables 1.0.6, the version the renderer's tests run against on Debian bookworm.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends nftables conntrack \
+    && apt-get install -y --no-install-recommends nftables \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /ferrolb-speaker /usr/local/bin/ferrolb-speaker
 EXPOSE 7472 7946/udp

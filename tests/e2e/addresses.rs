@@ -82,21 +82,14 @@ spec:
 fn setup(lab: &Lab) -> Result<()> {
     lab.lab(&["up"])?;
     ferrolb_e2e::ferrolb_system(lab, &["192.0.2.200-192.0.2.250"])?;
-    lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/demo/hostname.yaml")])?;
-    lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/demo/services.yaml")])?;
+    ferrolb_e2e::apply_demo(lab)?;
     lab.apply(FIXTURES)?;
     lab.kubectl(&["rollout", "status", "deployment/hostname", "--timeout=60s"])?;
     lab.kubectl(&["rollout", "status", "-n", "a", "deployment/thief", "--timeout=60s"])?;
-    *CONTROLLER.lock().unwrap_or_else(|e| e.into_inner()) = Some(Controller::start("ctl", 17476, &[])?);
-    let mut speakers = SPEAKERS.lock().unwrap_or_else(|e| e.into_inner());
-    for i in 1..=3 {
-        speakers.push(Speaker::start(i)?);
-    }
-    drop(speakers);
-    let ip = lb_ip(lab, "hostname-svc-lb")?;
-    wait_for("the LoadBalancer address to answer", Duration::from_secs(30), || {
-        Ok(lab.curl("client", &format!("http://{ip}/")).ok().filter(|b| b.contains("hostname:")).map(drop))
-    })
+    let (controller, speakers) = ferrolb_e2e::start_ferrolb(lab, 17476, &[])?;
+    *CONTROLLER.lock().unwrap_or_else(|e| e.into_inner()) = Some(controller);
+    *SPEAKERS.lock().unwrap_or_else(|e| e.into_inner()) = speakers;
+    Ok(())
 }
 
 /// Before, the rules of the first Service by namespace/name took a contested address . port:

@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ferrolb_e2e::{Case, Controller, Lab, Speaker, answer, cluster_ip_of, lb_ip, run_suite, svc, url, wait_for};
+use ferrolb_e2e::{
+    Case, Controller, Lab, Speaker, answer, cluster_ip_of, http_get, lb_ip, run_suite, speaker_get, svc, url, wait_for,
+};
 use serde_json::Value;
 
 static SPEAKERS: Mutex<Vec<Speaker>> = Mutex::new(Vec::new());
@@ -131,23 +133,16 @@ spec:
 fn setup(lab: &Lab) -> Result<()> {
     lab.lab(&["up"])?;
     ferrolb_e2e::ferrolb_system(lab, &["192.0.2.200-192.0.2.250", "2001:db8:1::c8-2001:db8:1::fa"])?;
-    lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/demo/hostname.yaml")])?;
-    lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/demo/services.yaml")])?;
+    ferrolb_e2e::apply_demo(lab)?;
     lab.apply(FIXTURES)?;
     lab.kubectl(&["rollout", "status", "deployment/hostname", "--timeout=60s"])?;
     lab.kubectl(&["rollout", "status", "deployment/solo", "--timeout=60s"])?;
     // externalIPs are not announced (as with kube-proxy): the client routes it to node-1.
     lab.exec("client", &["ip", "route", "replace", &format!("{EXTERNAL_IP}/32"), "via", NODE_IPS[0]])?;
-    *CONTROLLER.lock().unwrap_or_else(|e| e.into_inner()) = Some(Controller::start("ctl", 17475, &[])?);
-    let mut speakers = SPEAKERS.lock().unwrap_or_else(|e| e.into_inner());
-    for i in 1..=3 {
-        speakers.push(Speaker::start(i)?);
-    }
-    drop(speakers);
-    let ip = lb_ip(lab, "hostname-svc-lb")?;
-    wait_for("the LoadBalancer address to answer", Duration::from_secs(30), || {
-        Ok(lab.curl("client", &format!("http://{ip}/")).ok().filter(|b| b.contains("hostname:")).map(drop))
-    })
+    let (controller, speakers) = ferrolb_e2e::start_ferrolb(lab, 17475, &[])?;
+    *CONTROLLER.lock().unwrap_or_else(|e| e.into_inner()) = Some(controller);
+    *SPEAKERS.lock().unwrap_or_else(|e| e.into_inner()) = speakers;
+    Ok(())
 }
 
 /// The address part of `ip:port` / `[ip]:port`.
@@ -416,21 +411,6 @@ fn restart_under_load(lab: &Lab) -> Result<()> {
         report["requests"], report["max_gap_ms"]
     );
     Ok(())
-}
-
-/// `(HTTP status, body)` of a GET from `host`.
-fn http_get(host: &str, url: &str) -> Result<(String, String)> {
-    let out = ferrolb_e2e::output(
-        "ip",
-        &["netns", "exec", host, "curl", "-sS", "--max-time", "3", "-w", "\n%{http_code}", url],
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').context("no status")?;
-    Ok((code.to_string(), body.to_string()))
-}
-
-fn speaker_get(n: u8, path: &str) -> Result<(String, String)> {
-    http_get(&format!("node-{n}"), &format!("http://192.0.2.{}:7472{path}", 10 + n))
 }
 
 fn metrics(_lab: &Lab) -> Result<()> {

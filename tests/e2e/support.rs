@@ -482,6 +482,39 @@ pub fn ferrolb_system(lab: &Lab, addresses: &[&str]) -> Result<()> {
     ))
 }
 
+/// The lab's demo: the hostname Deployment and its Services (`deploy/demo`).
+pub fn apply_demo(lab: &Lab) -> Result<()> {
+    lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/demo/hostname.yaml")])?;
+    lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/demo/services.yaml")])?;
+    Ok(())
+}
+
+/// A controller (`/metrics` on 127.0.0.1:`controller_port`) and the speakers of node-1 to node-3
+/// (with `env` added to their environment), returned once the demo's LoadBalancer address
+/// answers the client.
+pub fn start_ferrolb(lab: &Lab, controller_port: u16, env: &[(&str, &str)]) -> Result<(Controller, Vec<Speaker>)> {
+    let controller = Controller::start("ctl", controller_port, &[])?;
+    let speakers = (1..=3).map(|i| Speaker::start_with_env(i, env)).collect::<Result<Vec<_>>>()?;
+    let ip = lb_ip(lab, "hostname-svc-lb")?;
+    wait_for("the LoadBalancer address to answer", Duration::from_secs(30), || {
+        Ok(lab.curl("client", &url(&ip, 80)).ok().filter(|b| b.contains("hostname:")).map(drop))
+    })?;
+    Ok((controller, speakers))
+}
+
+/// `(HTTP status, body)` of a GET from lab host `host`.
+pub fn http_get(host: &str, url: &str) -> Result<(String, String)> {
+    let out = output("ip", &["netns", "exec", host, "curl", "-sS", "--max-time", "3", "-w", "\n%{http_code}", url])?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').context("no status")?;
+    Ok((code.to_string(), body.to_string()))
+}
+
+/// `(HTTP status, body)` of a GET of `path` from the speaker of node-`n` (metrics and health).
+pub fn speaker_get(n: u8, path: &str) -> Result<(String, String)> {
+    http_get(&format!("node-{n}"), &format!("http://192.0.2.{}:7472{path}", 10 + n))
+}
+
 /// Peak resident memory (`VmHWM`) of a process, KiB.
 pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

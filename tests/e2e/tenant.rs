@@ -46,19 +46,12 @@ fn long_names() -> (String, String, String) {
 fn setup(lab: &Lab) -> Result<()> {
     lab.lab(&["up"])?;
     ferrolb_e2e::ferrolb_system(lab, &["192.0.2.200-192.0.2.250"])?;
-    lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/demo/hostname.yaml")])?;
-    lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/demo/services.yaml")])?;
+    ferrolb_e2e::apply_demo(lab)?;
     lab.kubectl(&["rollout", "status", "deployment/hostname", "--timeout=60s"])?;
-    *CONTROLLER.lock().unwrap_or_else(|e| e.into_inner()) = Some(Controller::start("ctl", 17477, &[])?);
-    let mut speakers = SPEAKERS.lock().unwrap_or_else(|e| e.into_inner());
-    for i in 1..=3 {
-        speakers.push(Speaker::start_with_env(i, &[("FERROLB_FAULT_REJECT_SERVICE", REFUSED)])?);
-    }
-    drop(speakers);
-    let ip = lb_ip(lab, "hostname-svc-lb")?;
-    wait_for("the LoadBalancer address to answer", Duration::from_secs(30), || {
-        Ok(lab.curl("client", &format!("http://{ip}/")).ok().filter(|b| b.contains("hostname:")).map(drop))
-    })
+    let (controller, speakers) = ferrolb_e2e::start_ferrolb(lab, 17477, &[("FERROLB_FAULT_REJECT_SERVICE", REFUSED)])?;
+    *CONTROLLER.lock().unwrap_or_else(|e| e.into_inner()) = Some(controller);
+    *SPEAKERS.lock().unwrap_or_else(|e| e.into_inner()) = speakers;
+    Ok(())
 }
 
 /// A Deployment of one hostname pod in `namespace`, named and labelled `app`.
@@ -178,44 +171,6 @@ fn longest_names(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-/// `/metrics` of the speaker of node-`n`.
-fn speaker_metrics(n: u8) -> Result<String> {
-    ferrolb_e2e::run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &format!("node-{n}"),
-            "curl",
-            "-sS",
-            "--max-time",
-            "3",
-            &format!("http://192.0.2.{}:7472/metrics", 10 + n),
-        ],
-    )
-}
-
-/// The HTTP status of a speaker's health path.
-fn speaker_health(n: u8, path: &str) -> Result<String> {
-    ferrolb_e2e::run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &format!("node-{n}"),
-            "curl",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "3",
-            &format!("http://192.0.2.{}:7472{path}", 10 + n),
-        ],
-    )
-}
-
 /// Before, there was no hook and no quarantine: one refused Service failed every sync, health
 /// went red after 60 s and speakers restarted.
 fn refused_service(lab: &Lab) -> Result<()> {
@@ -232,12 +187,12 @@ fn refused_service(lab: &Lab) -> Result<()> {
     println!("  Event: {}", ev.lines().next().unwrap_or_default());
     for n in 1..=3u8 {
         let m = wait_for(&format!("node-{n}'s rejected-services metric"), Duration::from_secs(10), || {
-            let m = speaker_metrics(n)?;
+            let (_, m) = ferrolb_e2e::speaker_get(n, "/metrics")?;
             Ok(m.contains("ferrolb_dataplane_rejected_services{family=\"ipv4\"} 1").then_some(m))
         })?;
         ensure!(!m.is_empty());
         for path in ["/healthz", "/readyz"] {
-            let code = speaker_health(n, path)?;
+            let (code, _) = ferrolb_e2e::speaker_get(n, path)?;
             ensure!(code == "200", "node-{n} {path}: {code} while one Service is left out");
         }
     }
@@ -249,12 +204,15 @@ fn refused_service(lab: &Lab) -> Result<()> {
     // Health stays green over time, not just right after.
     std::thread::sleep(Duration::from_secs(3));
     for n in 1..=3u8 {
-        ensure!(speaker_health(n, "/healthz")? == "200", "node-{n} unhealthy");
+        ensure!(ferrolb_e2e::speaker_get(n, "/healthz")?.0 == "200", "node-{n} unhealthy");
     }
     // Gone: nothing is left out any more.
     lab.kubectl(&["delete", "service", "-n", ns, name])?;
     wait_for("the rejected-services metric back to 0", Duration::from_secs(10), || {
-        Ok(speaker_metrics(1)?.contains("ferrolb_dataplane_rejected_services{family=\"ipv4\"} 0").then_some(()))
+        Ok(ferrolb_e2e::speaker_get(1, "/metrics")?
+            .1
+            .contains("ferrolb_dataplane_rejected_services{family=\"ipv4\"} 0")
+            .then_some(()))
     })?;
     println!("  left out on 3 nodes, health 200, new pods reached within {:.0} ms", slowest.as_secs_f64() * 1e3);
     Ok(())
