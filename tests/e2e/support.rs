@@ -192,9 +192,15 @@ pub fn run_suite(suite: &str, cases: &[Case]) -> std::process::ExitCode {
 }
 
 /// Runs cases in order, printing libtest-style lines; (passed, failed).
+///
+/// Arguments after `--` (`cargo test --test tenant -- legacy churn`) keep only the cases whose
+/// name holds one of them, and the `setup…` cases they need.
 pub fn run_cases(lab: &Lab, cases: &[Case]) -> (usize, usize) {
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let chosen =
+        |name: &str| only.is_empty() || name.starts_with("setup") || only.iter().any(|o| name.contains(o.as_str()));
     let (mut passed, mut failed) = (0, 0);
-    for (name, f) in cases {
+    for (name, f) in cases.iter().filter(|(name, _)| chosen(name)) {
         let start = Instant::now();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(lab)));
         let secs = start.elapsed().as_secs_f64();
