@@ -226,6 +226,11 @@ fn pool_of<'p>(service: &ServiceFacts, ip: IpAddr, pools: &'p Pools) -> Option<&
 fn warn_once(service: &ServiceKey, ip: IpAddr, recorded: &str, actual: Option<&str>) {
     static SEEN: std::sync::Mutex<BTreeSet<(ServiceKey, IpAddr, String)>> = std::sync::Mutex::new(BTreeSet::new());
     let Ok(mut seen) = SEEN.lock() else { return };
+    // Anyone who may edit a Service writes the annotation: the memory of what was logged stays
+    // bounded (starting over only repeats a warning).
+    if seen.len() >= 10_000 {
+        seen.clear();
+    }
     if seen.insert((service.clone(), ip, recorded.to_owned())) {
         tracing::warn!(
             service = %service,

@@ -196,12 +196,18 @@ impl Runner {
         // A left-out Service is tried again once it changes (or goes away).
         let rejected = self.rejected.entry(family).or_default();
         rejected.retain(|key, r| model.services.get(key) == Some(&r.refused));
-        let effective = self.without_rejected(model.clone());
-        let err = match self.apply_as_is(effective).await {
+        let effective = self.without_rejected(model);
+        let (err, effective) = match self.apply_as_is(effective).await {
             Ok(synced) => return Ok(synced),
-            Err(e @ Error::Rejected { .. }) => e,
-            Err(e) => return Err(e),
+            Err((e @ Error::Rejected { .. }, effective)) => (e, effective),
+            Err((e, _)) => return Err(e),
         };
+        // No copy of the model on the way: the one asked for is the one applied with each
+        // left-out Service as it was refused (it has not changed since, or it would be retried).
+        let mut model = effective;
+        for (key, r) in self.rejected(family) {
+            model.services.insert(key.clone(), r.refused.clone());
+        }
         let nft = self.nft.clone();
         let culprits = find_rejected(model.services.keys().cloned().collect(), async |keys: &[ServiceKey]| {
             let mut alone = model.clone();
@@ -225,7 +231,7 @@ impl Runner {
             rejected.insert(key, Rejected { refused, nft: words, kept_previous });
         }
         let effective = self.without_rejected(model);
-        self.apply_as_is(effective).await
+        self.apply_as_is(effective).await.map_err(|(e, _)| e)
     }
 
     /// `model` with each left-out Service as it was last accepted, or without it.
@@ -247,8 +253,8 @@ impl Runner {
         self.rejected.get(&family).into_iter().flatten()
     }
 
-    /// [`Runner::apply`] without leaving anything out.
-    async fn apply_as_is(&mut self, model: Model) -> Result<Synced, Error> {
+    /// [`Runner::apply`] without leaving anything out; on error, the model comes back.
+    async fn apply_as_is(&mut self, model: Model) -> Result<Synced, (Error, Model)> {
         let start = Instant::now();
         let family = model.family;
         let prev = self.applied.remove(&family);
@@ -275,7 +281,7 @@ impl Runner {
             None => match self.nft.run(&render_create_table(family)).await {
                 Ok(()) => (SyncKind::Full, render_create(&model), None),
                 Err(Error::Rejected { .. }) => (SyncKind::Full, render_full(&model), None),
-                Err(e) => return Err(e),
+                Err(e) => return Err((e, model)),
             },
         };
         let prepared = start.elapsed();
@@ -285,7 +291,7 @@ impl Runner {
             if let Some(prev) = prev_model {
                 self.before_failure.insert(family, prev);
             }
-            return Err(e);
+            return Err((e, model));
         }
         self.before_failure.remove(&family);
         let (stale_chains, stale_sets, stale_hairpin) = stale.unwrap_or_default();
