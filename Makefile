@@ -47,6 +47,7 @@ test: deps k8s-bins lint build
 	$(CARGO) test -p ferrolb-e2e --test bounded
 	$(CARGO) test -p ferrolb-e2e --test tenant
 	$(CARGO) test -p ferrolb-e2e --test journey
+	$(CARGO) test -p ferrolb-e2e --test faults
 
 ## bench-controller: the controller benchmark table (release build, brings up its own lab).
 bench-controller: deps k8s-bins

@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod annotations;
+pub mod backoff;
 pub mod crds;
 pub mod metallb;
 

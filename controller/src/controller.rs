@@ -66,7 +66,10 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).backoff(ferrolb_api::backoff::watch_backoff()),
+    );
     let fut = async move {
         let mut stream = pin!(stream);
         let kind = K::kind(&K::DynamicType::default()).to_string();
@@ -200,7 +203,7 @@ async fn lease_manager(client: &Client, s: &Settings) -> Result<kube_lease_manag
 async fn watch_lease_freed(client: Client, namespace: String, name: String, freed: Arc<Notify>) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut stream = pin!(watcher(api, cfg).default_backoff().applied_objects());
+    let mut stream = pin!(watcher(api, cfg).backoff(ferrolb_api::backoff::watch_backoff()).applied_objects());
     while let Some(ev) = stream.next().await {
         if let Ok(lease) = ev
             && lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()).is_none_or(str::is_empty)

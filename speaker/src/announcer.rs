@@ -104,6 +104,22 @@ impl Caches {
         election::elect(&nodes, &services, &pools, &ads)
     }
 
+    /// The other Nodes that are Ready: the speakers a joining speaker expects to meet.
+    fn ready_peers(&self, s: &Settings) -> BTreeSet<String> {
+        self.nodes
+            .state()
+            .iter()
+            .filter(|n| n.metadata.name.as_deref() != Some(s.node.as_str()))
+            .filter(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|st| st.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .filter_map(|n| n.metadata.name.clone())
+            .collect()
+    }
+
     /// Membership addresses of every Node but ours (their first InternalIP of our family).
     fn peers(&self, s: &Settings) -> Vec<SocketAddr> {
         self.nodes
@@ -123,6 +139,9 @@ impl Caches {
         internal_ip_like(&n, like)
     }
 }
+
+/// How long a joining speaker waits for every Ready peer before it elects without them.
+const JOIN_WAIT: Duration = Duration::from_secs(3);
 
 /// How long a handover outlives its previous announcer's speaker: the node may still forward
 /// (its speaker restarts, in an upgrade, say) and its connections in flight finish within this;
@@ -225,15 +244,13 @@ pub async fn run(
         }
     });
 
-    // Elect only once we are in: alone, this speaker would win every address and answer for
-    // them beside their announcers until the membership caught up (a restart in an upgrade
-    // would move every address twice). Alone for real (no peer answers), it goes on.
-    if !caches.peers(&s).is_empty() {
-        let mut joined = members.alive.clone();
-        if tokio::time::timeout(Duration::from_secs(3), joined.wait_for(|a| a.len() > 1)).await.is_err() {
-            tracing::warn!("no peer answered within 3 s; electing alone");
-        }
-    }
+    // Win nothing until we are in: with a partial view this speaker would win addresses and
+    // answer for them beside their announcers until the membership caught up (a restart in an
+    // upgrade would move every address twice; a node back from a link flap, which saw every
+    // peer die, would answer for every address). "In" is: every Ready peer is alive in our
+    // view, or JOIN_WAIT has passed (a peer without a speaker, say).
+    let mut link_rx = crate::link::watch(s.node_ip);
+    let mut joining_since: Option<std::time::Instant> = Some(std::time::Instant::now());
 
     let (view_tx, view_rx) = tokio::sync::watch::channel(status::View::default());
     let status_task = tokio::spawn(status::run(
@@ -259,6 +276,27 @@ pub async fn run(
     let mut woke: Option<std::time::Instant> = None;
     loop {
         let alive = alive_rx.borrow_and_update().clone();
+        let link_up = *link_rx.borrow_and_update();
+        if !link_up {
+            // Cut off: hold everything, and rejoin once the link is back.
+            joining_since = Some(std::time::Instant::now());
+        }
+        let expected = caches.ready_peers(&s);
+        if let Some(since) = joining_since
+            && link_up
+            && (expected.is_subset(&alive) || since.elapsed() >= JOIN_WAIT)
+        {
+            if !expected.is_subset(&alive) {
+                let missing: Vec<&String> = expected.difference(&alive).collect();
+                tracing::warn!(
+                    ?missing,
+                    "these Ready nodes' speakers did not answer within {JOIN_WAIT:?}; electing without them"
+                );
+            }
+            tracing::info!(alive = ?alive, "in the membership; electing");
+            joining_since = None;
+        }
+        let holding = joining_since.is_some();
         let all = caches.elect(&s, &alive);
         let all_winners: BTreeMap<IpAddr, String> = all.iter().map(|(ip, a)| (*ip, a.node.clone())).collect();
         let mut view = status::View { alive: alive.clone(), ..Default::default() };
@@ -268,7 +306,7 @@ pub async fn run(
         let mut now_mine: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
         for (ip, a) in all {
             view.announced.extend(a.services.iter().cloned());
-            if a.node != s.node {
+            if a.node != s.node || holding {
                 continue;
             }
             for i in interfaces_for(&a, &usable) {
@@ -359,8 +397,24 @@ pub async fn run(
         last_all = all_winners;
         last_alive = alive;
 
+        let join_deadline = joining_since.map(|t| tokio::time::Instant::from_std(t + JOIN_WAIT));
         tokio::select! {
             _ = caches.changed.notified() => woke = Some(std::time::Instant::now()),
+            r = link_rx.changed() => {
+                if r.is_err() { anyhow::bail!("the link watch stopped"); }
+                if *link_rx.borrow() {
+                    // Back: rejoin from now (the wait counts from the return), and ask every
+                    // peer to let us in again now, not at the next join round.
+                    joining_since = Some(std::time::Instant::now());
+                    for peer in caches.peers(&s) {
+                        members.announce(peer).await;
+                    }
+                }
+                woke = Some(std::time::Instant::now());
+            }
+            _ = tokio::time::sleep_until(join_deadline.unwrap_or_else(tokio::time::Instant::now)), if join_deadline.is_some() && link_up => {
+                woke = None;
+            }
             r = alive_rx.changed() => {
                 if r.is_err() { anyhow::bail!("the membership stopped"); }
                 woke = Some(std::time::Instant::now());

@@ -20,6 +20,7 @@ pub mod dataplane;
 pub mod election;
 pub mod facts;
 pub mod l2;
+pub mod link;
 pub mod membership;
 pub mod metrics;
 pub mod status;

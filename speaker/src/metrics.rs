@@ -54,6 +54,11 @@ impl Default for Metrics {
         registry.register("l2_gratuitous_sent", "Gratuitous ARP / unsolicited NA sent", gratuitous.clone());
         registry.register("speaker_announced", "1 for each address this node announces", announced.clone());
         registry.register(
+            "speaker_api_reachable",
+            "1 while the speaker's watches reach the Kubernetes API server, 0 while it is away (nothing is withdrawn then)",
+            crate::watch::API.gauge.clone(),
+        );
+        registry.register(
             "speaker_takeover_seconds",
             "From the change to the first gratuitous packet",
             takeover.clone(),

@@ -40,18 +40,79 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let stream = reflector::reflector(writer, watcher(api, config).backoff(ferrolb_api::backoff::watch_backoff()));
     tokio::spawn(async move {
         let kind = K::kind(&K::DynamicType::default()).to_string();
         let mut stream = pin!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
-                Ok(_) => wake.iter().for_each(|n| n.notify_one()),
-                Err(e) => tracing::warn!(%kind, error = %e, "watch"),
+                Ok(_) => {
+                    API.reached();
+                    wake.iter().for_each(|n| n.notify_one())
+                }
+                Err(e) => {
+                    API.lost(&kind, &e);
+                    tracing::debug!(%kind, error = %e, "watch")
+                }
             }
         }
     });
     reader
+}
+
+/// Whether the speaker's watches reach the API server: the process has one view of it. Losing
+/// it is logged once (not at every retry) and read from `ferrolb_speaker_api_reachable`.
+pub struct ApiReachable {
+    /// 1 while the watches reach the API server, 0 from the first failure to the next event.
+    pub gauge: prometheus_client::metrics::gauge::Gauge,
+    lost_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// The process's [`ApiReachable`].
+pub static API: std::sync::LazyLock<ApiReachable> = std::sync::LazyLock::new(|| {
+    let gauge = prometheus_client::metrics::gauge::Gauge::default();
+    gauge.set(1);
+    ApiReachable { gauge, lost_at: std::sync::Mutex::new(None) }
+});
+
+impl ApiReachable {
+    fn lost(&self, kind: &str, e: &dyn std::fmt::Display) {
+        let Ok(mut lost) = self.lost_at.lock() else { return };
+        if lost.is_none() {
+            *lost = Some(std::time::Instant::now());
+            self.gauge.set(0);
+            tracing::warn!(
+                %kind,
+                error = %e,
+                "lost the Kubernetes API server: announcements and the data plane stay as they are, the membership still moves addresses off dead speakers; changes (a cordon, a new Service) wait for its return"
+            );
+        }
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost_at.lock().map(|l| l.is_some()).unwrap_or(false)
+    }
+
+    /// While lost, asks the API server for its version every second: a watch that resumes on
+    /// an idle cluster brings no event that would say the API server is back.
+    pub fn probe_while_lost(client: Client) {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                if API.is_lost() && client.apiserver_version().await.is_ok() {
+                    API.reached();
+                }
+            }
+        });
+    }
+
+    fn reached(&self) {
+        let Ok(mut lost) = self.lost_at.lock() else { return };
+        if let Some(at) = lost.take() {
+            self.gauge.set(1);
+            tracing::info!(after_s = at.elapsed().as_secs_f64(), "the Kubernetes API server is back");
+        }
+    }
 }
 
 /// Nodes, Services and EndpointSlices, watched once for the whole speaker.
@@ -75,6 +136,7 @@ impl Cluster {
     pub fn start(client: &Client) -> Self {
         let (announcer, dataplane) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
         let wake = vec![announcer.clone(), dataplane.clone()];
+        ApiReachable::probe_while_lost(client.clone());
         Cluster {
             nodes: watch(Api::all(client.clone()), wake.clone()),
             services: watch(Api::all(client.clone()), wake.clone()),

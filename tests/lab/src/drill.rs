@@ -36,6 +36,8 @@ pub enum Action {
     Crash,
     Uncordon,
     Restore,
+    /// Stop kube-apiserver for `--seconds` under load (outage.rs); no NODE.
+    ApiOutage,
 }
 
 /// The drill's settings.
@@ -91,25 +93,30 @@ async fn announcer(client: &kube::Client, ferrolb_ns: &str, service: &str) -> Re
 
 /// The service's EXTERNAL-IP of the family asked for.
 async fn external_ip(client: &kube::Client, service: &str, ipv6: bool) -> Result<IpAddr> {
+    let ips = lb_ips(client, service).await?;
+    ips.iter().copied().find(|ip| ip.is_ipv6() == ipv6).with_context(|| {
+        format!("{service} has no {} EXTERNAL-IP (it has {ips:?})", if ipv6 { "IPv6" } else { "IPv4" })
+    })
+}
+
+/// The service's EXTERNAL-IPs (`namespace/name`, or `name` in `default`), as its status lists them.
+pub async fn lb_ips(client: &kube::Client, service: &str) -> Result<Vec<IpAddr>> {
     let (ns, name) = split_service(service);
     let svc = Api::<Service>::namespaced(client.clone(), &ns)
         .get(&name)
         .await
         .with_context(|| format!("reading Service {service}"))?;
-    let ips: Vec<IpAddr> = svc
+    Ok(svc
         .status
         .and_then(|s| s.load_balancer)
         .and_then(|l| l.ingress)
         .unwrap_or_default()
         .iter()
         .filter_map(|i| i.ip.as_deref()?.parse().ok())
-        .collect();
-    ips.iter().copied().find(|ip| ip.is_ipv6() == ipv6).with_context(|| {
-        format!("{service} has no {} EXTERNAL-IP (it has {ips:?})", if ipv6 { "IPv6" } else { "IPv4" })
-    })
+        .collect())
 }
 
-async fn set_unschedulable(client: &kube::Client, node: &str, on: bool) -> Result<()> {
+pub async fn set_unschedulable(client: &kube::Client, node: &str, on: bool) -> Result<()> {
     Api::<Node>::all(client.clone())
         .patch(node, &PatchParams::default(), &Patch::Merge(json!({"spec": {"unschedulable": on}})))
         .await
@@ -132,7 +139,7 @@ fn node_processes(node: &str) -> Vec<i32> {
     pids
 }
 
-async fn act(paths: &Paths, client: &kube::Client, action: Action, node: &str) -> Result<()> {
+pub async fn act(paths: &Paths, client: &kube::Client, action: Action, node: &str) -> Result<()> {
     match action {
         Action::Cordon => set_unschedulable(client, node, true).await,
         Action::Uncordon => set_unschedulable(client, node, false).await,
@@ -152,6 +159,7 @@ async fn act(paths: &Paths, client: &kube::Client, action: Action, node: &str) -
             let plan = lifecycle::current_plan(paths).context("the lab is not up")?;
             lifecycle::up(paths, plan).await
         }
+        Action::ApiOutage => bail!("api-outage acts on the control plane, not on node {node}"),
     }
 }
 

@@ -18,6 +18,7 @@
 pub mod agent;
 pub mod arp_probe;
 pub mod bins;
+pub mod chaos;
 pub mod cmd;
 pub mod control_plane;
 pub mod drill;
@@ -25,10 +26,12 @@ pub mod hostname;
 pub mod lifecycle;
 pub mod load;
 pub mod netns;
+pub mod outage;
 pub mod paths;
 pub mod pki;
 pub mod plan;
 pub mod procs;
+pub mod splitbrain;
 
 use anyhow::{Context, Result};
 

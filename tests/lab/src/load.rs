@@ -30,7 +30,14 @@ pub struct Load {
     pub duration: Duration,
     /// A request not answered within this counts as failed.
     pub timeout: Duration,
+    /// Keep every request in the report (`timeline`), for who lines it up with other events.
+    pub timeline: bool,
 }
+
+/// One request: when it was sent and when it was answered (`None`: it failed), in
+/// milliseconds since `started_unix_ms`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Sample(pub u32, pub Option<u32>);
 
 /// What happened.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -44,6 +51,12 @@ pub struct Report {
     pub backends: BTreeMap<String, u64>,
     /// Failures by reason.
     pub errors: BTreeMap<String, u64>,
+    /// Unix time of the start, milliseconds.
+    #[serde(default)]
+    pub started_unix_ms: u64,
+    /// Every request, in the order sent (with `timeline`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<Sample>,
 }
 
 /// The longest gap in `answered` (times since the start, any order) within `[0, total]`.
@@ -81,6 +94,8 @@ async fn get(target: SocketAddr, path: &str) -> Result<String, String> {
 /// Sends the load and waits for the last answer.
 pub async fn run(l: &Load) -> Report {
     let start = Instant::now();
+    let started_unix_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(l.rate.max(1))));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = tokio::task::JoinSet::new();
@@ -89,23 +104,31 @@ pub async fn run(l: &Load) -> Report {
         tick.tick().await;
         requests += 1;
         let (target, path, timeout) = (l.target, l.path.clone(), l.timeout);
+        let sent = start.elapsed();
         tasks.spawn(async move {
             let r = match tokio::time::timeout(timeout, get(target, &path)).await {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
             };
-            (start.elapsed(), r)
+            (sent, start.elapsed(), r)
         });
     }
-    let mut report = Report { requests, ..Default::default() };
+    let mut report = Report { requests, started_unix_ms, ..Default::default() };
     let mut answered = Vec::new();
+    let ms = |d: Duration| d.as_millis().min(u128::from(u32::MAX)) as u32;
     while let Some(done) = tasks.join_next().await {
         match done {
-            Ok((at, Ok(pod))) => {
+            Ok((sent, at, Ok(pod))) => {
                 answered.push(at);
                 *report.backends.entry(pod).or_default() += 1;
+                if l.timeline {
+                    report.timeline.push(Sample(ms(sent), Some(ms(at))));
+                }
             }
-            Ok((_, Err(why))) => {
+            Ok((sent, _, Err(why))) => {
+                if l.timeline {
+                    report.timeline.push(Sample(ms(sent), None));
+                }
                 report.failed += 1;
                 *report.errors.entry(why).or_default() += 1;
             }
@@ -115,6 +138,7 @@ pub async fn run(l: &Load) -> Report {
             }
         }
     }
+    report.timeline.sort_by_key(|s| s.0);
     let total = start.elapsed().max(l.duration);
     report.max_gap_ms = max_gap(&mut answered, total).as_millis() as u64;
     report

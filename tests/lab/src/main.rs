@@ -97,6 +97,9 @@ enum Command {
         /// Print one JSON object: announcer_before, announcer_after, requests, failed, max_gap_ms, …
         #[arg(long)]
         json: bool,
+        /// api-outage: crash this node 10 s into the outage (only the membership can see it).
+        #[arg(long)]
+        crash: Option<String>,
     },
     /// Send HTTP GETs at a steady rate, each on a new connection, and print a JSON report:
     /// requests, failed, max_gap_ms, answers per pod. Run it on a host:
@@ -111,6 +114,50 @@ enum Command {
         /// A request not answered within this many milliseconds fails.
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
+        /// Add every request (sent, answered) to the report.
+        #[arg(long)]
+        timeline: bool,
+    },
+    /// Many faults, some at once, for MINUTES under load (100 req/s to a Cluster and a Local
+    /// LoadBalancer service, both families), with a split-brain watch from the client: cordons,
+    /// speaker kills, node crashes, link flaps, 5 % loss, controller leader kills, kube-apiserver
+    /// and etcd restarts. Prints the tables (or --json); exits 1 when a goal is missed.
+    Chaos {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Same seed, same schedule.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        #[arg(long, default_value = "default/hostname-svc-lb")]
+        cluster_service: String,
+        #[arg(long, default_value = "default/hostname-svc-lb-local")]
+        local_service: String,
+        #[arg(long, default_value = "ferrolb-system")]
+        ferrolb_namespace: String,
+        /// A request not answered within this many milliseconds fails (3000: one lost SYN is
+        /// retransmitted after 1 s and still counts as answered, late).
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+        /// Print the schedule for this seed and length, and do nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Watch for two announcers at once: who-has / NS for every IP every interval, from this
+    /// host; prints a JSON summary (runs, overlaps, changes) at the end.
+    #[command(hide = true)]
+    SplitBrain {
+        #[arg(long = "ip", required = true)]
+        ips: Vec<std::net::IpAddr>,
+        #[arg(long, default_value = "eth0")]
+        interface: String,
+        #[arg(long, default_value_t = 5000)]
+        interval_us: u64,
+        #[arg(long)]
+        seconds: f64,
     },
     /// Broadcast ARP who-has for IP at a steady rate and print each reply (time, MAC, µs):
     /// the client's view of a failover, for the speaker benchmark.
@@ -188,7 +235,27 @@ async fn run(cli: Cli) -> Result<()> {
             tracing::info!(%node, "starting node agent");
             agent::run(paths, index, bin_dir).await
         }
-        Command::Drill { action, node, announcer, service, ipv6, ferrolb_namespace, rate, seconds, json } => {
+        Command::Drill { action: ferrolb_lab::drill::Action::ApiOutage, seconds, rate, json, crash, .. } => {
+            let o = ferrolb_lab::outage::Outage {
+                seconds,
+                rate,
+                services: vec!["default/hostname-svc-lb".into(), "default/hostname-svc-lb-local".into()],
+                crash,
+            };
+            let outcome = ferrolb_lab::outage::run(&paths, &o).await?;
+            if json {
+                println!("{}", serde_json::to_string(&outcome)?);
+                eprintln!("{}", ferrolb_lab::outage::describe(&outcome));
+            } else {
+                println!("{}", ferrolb_lab::outage::describe(&outcome));
+            }
+            let problems = outcome.problems();
+            if !problems.is_empty() {
+                bail!("api-outage: {}", problems.join("; "));
+            }
+            Ok(())
+        }
+        Command::Drill { action, node, announcer, service, ipv6, ferrolb_namespace, rate, seconds, json, .. } => {
             let drill = ferrolb_lab::drill::Drill {
                 action,
                 node,
@@ -208,7 +275,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Load { url, rate, seconds, timeout_ms } => {
+        Command::Load { url, rate, seconds, timeout_ms, timeline } => {
             let (target, path) = ferrolb_lab::load::target(&url)?;
             let load = ferrolb_lab::load::Load {
                 target,
@@ -216,6 +283,7 @@ async fn run(cli: Cli) -> Result<()> {
                 rate,
                 duration: std::time::Duration::from_secs_f64(seconds.max(0.0)),
                 timeout: std::time::Duration::from_millis(timeout_ms),
+                timeline,
             };
             let report = ferrolb_lab::load::run(&load).await;
             println!("{}", serde_json::to_string(&report)?);
@@ -229,6 +297,57 @@ async fn run(cli: Cli) -> Result<()> {
                 count,
                 duration: seconds.map(std::time::Duration::from_secs_f64),
             })
+        }
+        Command::Chaos {
+            minutes,
+            seed,
+            rate,
+            cluster_service,
+            local_service,
+            ferrolb_namespace,
+            timeout_ms,
+            dry_run,
+            json,
+        } => {
+            let c = ferrolb_lab::chaos::Chaos {
+                duration: std::time::Duration::from_secs_f64((minutes * 60.0).max(0.0)),
+                seed,
+                rate,
+                cluster_service,
+                local_service,
+                ferrolb_namespace,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+            };
+            if dry_run {
+                let plan = lifecycle::current_plan(&paths).context("the lab is not up")?;
+                let nodes: Vec<String> = plan.nodes().into_iter().map(|n| n.name).collect();
+                println!("{}", serde_json::to_string_pretty(&ferrolb_lab::chaos::schedule(seed, c.duration, &nodes))?);
+                return Ok(());
+            }
+            let outcome = ferrolb_lab::chaos::run(&paths, &c).await?;
+            if json {
+                println!("{}", serde_json::to_string(&outcome)?);
+                eprintln!("{}", ferrolb_lab::chaos::describe(&outcome));
+            } else {
+                println!("{}", ferrolb_lab::chaos::describe(&outcome));
+            }
+            if !outcome.goals_met() {
+                bail!("chaos: a goal was missed (see above)");
+            }
+            Ok(())
+        }
+        Command::SplitBrain { ips, interface, interval_us, seconds } => {
+            let w = ferrolb_lab::splitbrain::Watch {
+                ips,
+                interface,
+                interval: std::time::Duration::from_micros(interval_us.max(100)),
+                duration: std::time::Duration::from_secs_f64(seconds.max(0.0)),
+                keep: std::time::Duration::from_micros(interval_us.max(100) * 4),
+            };
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let summary = tokio::task::spawn_blocking(move || ferrolb_lab::splitbrain::run(&w, stop)).await??;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
         }
         Command::HostnameServer { pod, ports } => hostname::serve(pod, ports).await,
         Command::Whoami => {
