@@ -478,9 +478,12 @@ async fn perform(
             crate::cmd::ip_in(&node, &["link", "set", "eth0", "down"])?;
             tokio::time::sleep(hold).await;
             crate::cmd::ip_in(&node, &["link", "set", "eth0", "up"])?;
-            // A link that goes down loses its routes; the routes to the other nodes' pods come
-            // back as a CNI's routing agent would bring them back.
+            // A link that goes down loses its IPv6 address and its routes; they come back as the
+            // host's network configuration (systemd-networkd, a CNI's routing agent) would
+            // bring them back on link up.
             let plan = lifecycle::current_plan(paths).context("the lab is not up")?;
+            let host = plan.host(&node).with_context(|| format!("no host {node}"))?;
+            crate::netns::ensure_host(&plan, &host)?;
             crate::netns::ensure_routes(&plan)?;
             Ok(format!("eth0 down {:.1} s", p.hold_s))
         }
