@@ -47,6 +47,7 @@ fn main() -> ExitCode {
     let cases: &[Case] = &[
         ("setup_lab_controller_and_three_speakers", setup),
         ("a_rogue_host_cannot_keep_a_crashed_node_alive", rogue_host),
+        ("a_speaker_without_a_secret_or_with_a_short_one_does_not_start", no_weak_secret),
     ];
     let code = run_suite("hostile", cases);
     SPEAKERS.lock().map(|mut s| s.clear()).ok();
@@ -349,6 +350,48 @@ fn rogue_host(lab: &Lab) -> Result<()> {
     ensure!(grew("stale") + grew("replayed") + grew("misdirected") > 0.0, "the replays were not rejected: {after:?}");
     let back = settled_announcer(&ip)?;
     ensure!(back == victim, "after the restore {ip} settled on {back}, not {victim}");
+    Ok(())
+}
+
+/// `ferrolb-speaker run` on node-1 (other ports than the running one) with `extra` flags: its
+/// stderr, once it has stopped on its own.
+fn speaker_refuses(extra: &[&str]) -> Result<String> {
+    let bin = ferrolb_e2e::lab_bin()?.with_file_name("ferrolb-speaker");
+    let mut args = vec![
+        "KUBECONFIG=/run/ferrolb-lab/pki/admin.kubeconfig",
+        "nsenter",
+        "--net=/run/netns/node-1",
+        "--",
+        bin.to_str().context("path")?,
+        "run",
+        "--node=node-1",
+        "--node-ip=192.0.2.11",
+        "--membership-port=17946",
+        "--metrics-addr=127.0.0.1:17473",
+    ];
+    args.extend_from_slice(extra);
+    let out = ferrolb_e2e::output("env", &args)?;
+    ensure!(!out.status.success(), "the speaker started with {extra:?}");
+    Ok(String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+fn no_weak_secret(lab: &Lab) -> Result<()> {
+    let err = speaker_refuses(&[])?;
+    for needle in [
+        "no membership secret",
+        "speaker.memberlist.enabled",
+        "speaker.memberlist.existingSecret",
+        "--insecure-membership",
+    ] {
+        ensure!(err.contains(needle), "the error does not say {needle:?}: {err}");
+    }
+    let short = std::env::temp_dir().join("ferrolb-hostile-short-secret");
+    std::fs::write(&short, b"tooshort")?;
+    let err = speaker_refuses(&[&format!("--secret-file={}", short.display())])?;
+    ensure!(err.contains("8 bytes; at least 16"), "unclear error for a short secret: {err}");
+    lab.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: short, namespace: ferrolb-system}\nstringData: {secretkey: abc}\n")?;
+    let err = speaker_refuses(&["--membership-secret=short"])?;
+    ensure!(err.contains("membership Secret ferrolb-system/short") && err.contains("3 bytes"), "unclear error: {err}");
     Ok(())
 }
 
