@@ -47,6 +47,7 @@ test: deps k8s-bins lint build
 	$(CARGO) test -p ferrolb-e2e --test bounded
 	$(CARGO) test -p ferrolb-e2e --test tenant
 	$(CARGO) test -p ferrolb-e2e --test journey
+	$(CARGO) test -p ferrolb-e2e --test hostile
 	$(CARGO) test -p ferrolb-e2e --test faults
 
 ## bench-controller: the controller benchmark table (release build, brings up its own lab).
@@ -68,10 +69,12 @@ bench-dataplane: deps k8s-bins
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p ferrolb-e2e --bench dataplane
 
-## fuzz: the data plane property test against real nftables with many more cases (FERROLB_FUZZ_CASES, default 100,000); prints the count and every class of refusal found.
+## fuzz: the data plane property test against real nftables with many more cases (FERROLB_FUZZ_CASES, default 100,000); prints the count and every class of refusal found; then the membership decoder with FERROLB_MEMBERSHIP_FUZZ_CASES inputs (default 10,000,000).
 FERROLB_FUZZ_CASES ?= 100000
+FERROLB_MEMBERSHIP_FUZZ_CASES ?= 10000000
 fuzz: deps
 	FERROLB_FUZZ_CASES=$(FERROLB_FUZZ_CASES) $(CARGO) test --release -p ferrolb-speaker --test render_props -- --nocapture
+	FERROLB_MEMBERSHIP_FUZZ_CASES=$(FERROLB_MEMBERSHIP_FUZZ_CASES) $(CARGO) test --release -p ferrolb-speaker --test membership_fuzz -- --nocapture
 
 ## churn: the tenant lab suite with its Service patched every second for 10 minutes (kernel objects and memory printed).
 churn: deps k8s-bins build

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrolb_api::{IPAddressPool, L2Advertisement};
-use ferrolb_config::{ClassPolicy, PoolInput, build_advertisements, build_pools, internal_ip_like};
+use ferrolb_config::{ClassPolicy, PoolInput, build_advertisements, build_pools, internal_ip_like, internal_ips};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::Store;
@@ -133,6 +133,11 @@ impl Caches {
 }
 
 impl Caches {
+    /// Every Node's InternalIPs: whom the membership believes.
+    fn node_addrs(&self) -> membership::NodeAddrs {
+        self.nodes.state().iter().filter_map(|n| Some((n.metadata.name.clone()?, internal_ips(n)))).collect()
+    }
+
     /// The first InternalIP of `node` in the family of `like`.
     fn node_ip(&self, node: &str, like: IpAddr) -> Option<IpAddr> {
         let n = self.nodes.state().into_iter().find(|n| n.metadata.name.as_deref() == Some(node))?;
@@ -215,6 +220,8 @@ pub async fn run(
     let sink_metrics = metrics.clone();
     let events: EventSink = Arc::new(move |e| sink_metrics.l2(e));
     let caches = Caches::start(&client, &s, cluster);
+    // Until the Nodes are listed the membership believes no one (and nothing is elected).
+    let (nodes_tx, nodes_rx) = tokio::sync::watch::channel(None);
     let members = membership::start(membership::Settings {
         identity: membership::Member {
             node: s.node.clone(),
@@ -226,10 +233,19 @@ pub async fn run(
         },
         bind: SocketAddr::new(s.node_ip, s.membership_port),
         secret: s.secret.clone(),
-        cluster_size: 16,
+        nodes: nodes_rx,
+        rejected: metrics.membership_rejected.clone(),
     })
     .await?;
     caches.ready().await?;
+    let publish_nodes = |addrs: membership::NodeAddrs| {
+        nodes_tx.send_if_modified(|n| {
+            let changed = n.as_ref() != Some(&addrs);
+            *n = Some(addrs);
+            changed
+        })
+    };
+    publish_nodes(caches.node_addrs());
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(node = %s.node, "caches synced; announcing");
 
@@ -275,6 +291,7 @@ pub async fn run(
     // addresses are not a takeover.
     let mut woke: Option<std::time::Instant> = None;
     loop {
+        publish_nodes(caches.node_addrs());
         let alive = alive_rx.borrow_and_update().clone();
         let link_up = *link_rx.borrow_and_update();
         if !link_up {

@@ -47,6 +47,10 @@ struct RunArgs {
     /// File holding the membership's shared secret (a mounted Secret, say), instead.
     #[arg(long, env = "FERROLB_MEMBERSHIP_SECRET_FILE")]
     secret_file: Option<std::path::PathBuf>,
+    /// Run the membership without a secret: any host on the node network can then speak for
+    /// any speaker. Without it, a secret is required.
+    #[arg(long, env = "FERROLB_INSECURE_MEMBERSHIP", conflicts_with_all = ["membership_secret", "secret_file"])]
+    insecure_membership: bool,
     /// The load balancer class served.
     #[arg(long, env = "FERROLB_LB_CLASS", default_value = ferrolb_api::annotations::DEFAULT_LOAD_BALANCER_CLASS)]
     lb_class: String,
@@ -142,11 +146,26 @@ async fn respond(ips: Vec<IpAddr>, only: Vec<String>) -> Result<()> {
 /// The cluster mode: the announcer and the data plane over one set of watches, until SIGTERM.
 async fn run(a: RunArgs) -> Result<()> {
     use ferrolb_speaker::dataplane::{self, DataplaneSettings, metrics::DataplaneMetrics, model, source};
+    if a.secret_file.is_none() && a.membership_secret.is_none() && !a.insecure_membership {
+        bail!(
+            "no membership secret: any host on the node network could speak for a speaker. Give \
+             --membership-secret (the chart does with speaker.memberlist.enabled=true, its default, \
+             or names your own Secret with speaker.memberlist.existingSecret) or --secret-file, \
+             or run without one on purpose: --insecure-membership (speaker.memberlist.enabled=false)"
+        );
+    }
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let secret = match (&a.secret_file, &a.membership_secret) {
-        (Some(p), _) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+        (Some(p), _) => {
+            let s = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            ferrolb_speaker::membership::check_secret(&s).with_context(|| format!("in {}", p.display()))?;
+            Some(s)
+        }
         (None, Some(name)) => Some(read_secret(&client, &a.namespace, name).await?),
-        (None, None) => None,
+        (None, None) => {
+            tracing::warn!("the membership runs without a secret (--insecure-membership)");
+            None
+        }
     };
     let mut settings = ferrolb_speaker::announcer::Settings {
         node: a.node.clone(),
@@ -296,7 +315,7 @@ impl OwnDaemonSet {
 /// The key of the membership Secret that holds the shared secret (as MetalLB's memberlist).
 const SECRET_KEY: &str = "secretkey";
 
-/// The shared secret from Secret `name`: key `secretkey`, not empty.
+/// The shared secret from Secret `name`: key `secretkey`, not empty nor short.
 async fn read_secret(client: &kube::Client, namespace: &str, name: &str) -> Result<Vec<u8>> {
     let api: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client.clone(), namespace);
     let secret = api.get(name).await.with_context(|| format!("reading the membership Secret {namespace}/{name}"))?;
@@ -304,6 +323,8 @@ async fn read_secret(client: &kube::Client, namespace: &str, name: &str) -> Resu
     if value.is_empty() {
         bail!("the membership Secret {namespace}/{name} has no key {SECRET_KEY:?} (or it is empty)");
     }
+    ferrolb_speaker::membership::check_secret(&value)
+        .with_context(|| format!("in key {SECRET_KEY:?} of the membership Secret {namespace}/{name}"))?;
     Ok(value)
 }
 

@@ -14,23 +14,31 @@
 //! suspicion before a silent member is declared down. A speaker that stops on SIGTERM leaves
 //! the membership first, so its peers take over at once.
 //!
-//! With a shared secret, every packet carries an HMAC-SHA256 tag of its contents and packets
-//! without a valid tag are dropped: only speakers that know the secret join.
+//! The timers above are for a few nodes; with more members alive, updates are sent more times
+//! and suspicion lasts longer, as foca's `Config::new_lan` scales them (see [`tuned_config`]).
+//!
+//! Trust: with a shared secret, every packet is sealed (authenticated, timestamped, counted,
+//! addressed; see [`wire`]) and a packet that is forged, old, replayed or meant for another
+//! member is dropped and counted in `ferrolb_membership_rejected_packets_total{reason}`. And a
+//! member is believed only from an InternalIP of the Node it names: a host on the LAN cannot
+//! speak for a node, nor keep a dead one alive.
+
+pub mod wire;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
 use foca::{Config, Foca, OwnedNotification, PostcardCodec, Timer};
-use hmac::{Hmac, Mac};
-use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::metrics::{ReasonLabel, RejectedPackets};
+pub use wire::{NodeAddrs, Reject, WeakSecret, check_secret};
 
 /// A speaker as the membership knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -65,18 +73,31 @@ pub struct Settings {
     pub identity: Member,
     /// Address to bind (usually the node address and the membership port, 7946).
     pub bind: SocketAddr,
-    /// Shared secret; `None` accepts any speaker.
+    /// Shared secret; `None` (`--insecure-membership`) accepts any speaker.
     pub secret: Option<Vec<u8>>,
-    /// Expected number of speakers (tunes dissemination).
-    pub cluster_size: u32,
+    /// The Nodes and their InternalIPs, from the API; `None` until listed. A member is believed
+    /// only from an address of its Node (see [`wire`]).
+    pub nodes: watch::Receiver<Option<NodeAddrs>>,
+    /// Where dropped packets are counted, by reason.
+    pub rejected: RejectedPackets,
 }
 
-/// SWIM timing for a fast takeover on a LAN (see the module docs).
-pub fn fast_config(cluster_size: u32) -> Config {
-    let mut c = Config::new_lan(NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN));
+/// Suspicion before a silent member is declared down, at a few members.
+const SUSPECT_BASE: Duration = Duration::from_millis(500);
+/// Times an update is sent, at least (foca's LAN rule gives fewer below 16 members).
+const MIN_TRANSMISSIONS: u8 = 4;
+
+/// SWIM timing for a fast takeover on a LAN with `members` alive (see the module docs): the
+/// probe period and the round trip stay (foca cannot change them on the fly); dissemination
+/// and suspicion grow with the count, by foca's `Config::new_lan` rule (log10 of the count).
+pub fn tuned_config(members: usize) -> Config {
+    let n = u32::try_from(members).unwrap_or(u32::MAX).max(1);
+    let mut c = Config::new_lan(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
     c.probe_period = Duration::from_millis(250);
     c.probe_rtt = Duration::from_millis(100);
-    c.suspect_to_down_after = Duration::from_millis(500);
+    c.max_transmissions = c.max_transmissions.max(NonZeroU8::new(MIN_TRANSMISSIONS).unwrap_or(NonZeroU8::MIN));
+    c.suspect_to_down_after = SUSPECT_BASE.mul_f64(f64::from(n).log10().max(1.0));
+    c.max_packet_size = NonZeroUsize::new(wire::MAX_PAYLOAD).unwrap_or(NonZeroUsize::MIN);
     c.periodic_gossip = Some(foca::PeriodicParams {
         frequency: Duration::from_millis(100),
         num_members: NonZeroUsize::MIN.saturating_add(2),
@@ -86,39 +107,9 @@ pub fn fast_config(cluster_size: u32) -> Config {
     c
 }
 
-const TAG_LEN: usize = 32;
-
-fn tag(secret: &[u8], payload: &[u8]) -> [u8; TAG_LEN] {
-    // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
-    mac.update(payload);
-    mac.finalize().into_bytes().into()
-}
-
-/// The payload of a received packet, if its tag is valid (or no secret is set).
-pub fn open<'a>(secret: Option<&[u8]>, packet: &'a [u8]) -> Option<&'a [u8]> {
-    let Some(secret) = secret else { return Some(packet) };
-    if packet.len() < TAG_LEN {
-        return None;
-    }
-    let (t, payload) = packet.split_at(TAG_LEN);
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).ok()?;
-    mac.update(payload);
-    // Constant-time comparison.
-    mac.verify_slice(t).ok().map(|_| payload)
-}
-
-/// A packet to send: the payload, tagged when a secret is set.
-pub fn seal(secret: Option<&[u8]>, payload: &[u8]) -> Vec<u8> {
-    match secret {
-        None => payload.to_vec(),
-        Some(s) => {
-            let mut out = Vec::with_capacity(TAG_LEN + payload.len());
-            out.extend_from_slice(&tag(s, payload));
-            out.extend_from_slice(payload);
-            out
-        }
-    }
+/// Milliseconds since the Unix epoch, by this host's clock.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 enum Cmd {
@@ -179,6 +170,17 @@ enum Input {
     Cmd(Cmd),
 }
 
+/// The names of the members believed alive: ours, and those whose address is an InternalIP
+/// of the Node they name (none while the Nodes are unknown).
+fn alive_names(me: &Member, members: &BTreeSet<Member>, nodes: Option<&NodeAddrs>) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = match nodes {
+        Some(nodes) => members.iter().filter(|m| wire::is_believable(m, nodes)).map(|m| m.node.clone()).collect(),
+        None => BTreeSet::new(),
+    };
+    names.insert(me.node.clone());
+    names
+}
+
 /// Binds the socket and starts the membership task.
 pub async fn start(settings: Settings) -> std::io::Result<Handle> {
     let socket = Arc::new(UdpSocket::bind(settings.bind).await?);
@@ -190,51 +192,66 @@ pub async fn start(settings: Settings) -> std::io::Result<Handle> {
     let (alive_tx, alive) = watch::channel(BTreeSet::from([identity.node.clone()]));
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(16);
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Input>();
-    let secret = settings.secret.clone();
+    let mut rng: StdRng = rand::make_rng();
+    let mut sealer = settings.secret.as_deref().map(|s| wire::Sealer::new(s, rand::Rng::next_u64(&mut rng)));
+    for r in Reject::ALL {
+        let _ = settings.rejected.get_or_create(&ReasonLabel::from(r));
+    }
 
-    // Receiver: authenticated packets into the loop.
-    let (recv_sock, recv_tx, recv_secret) = (socket.clone(), in_tx.clone(), secret.clone());
+    // Receiver: what the gate admits into the loop; the rest counted.
+    let mut gate = wire::Gate::new(settings.secret.as_deref(), identity.addr);
+    let (recv_sock, recv_tx, rejected, recv_nodes) =
+        (socket.clone(), in_tx.clone(), settings.rejected.clone(), settings.nodes.clone());
     let receiver = tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         loop {
-            let Ok((n, _from)) = recv_sock.recv_from(&mut buf).await else { continue };
-            match open(recv_secret.as_deref(), &buf[..n]) {
-                Some(p) => {
-                    if recv_tx.send(Input::Data(p.to_vec())).is_err() {
+            let Ok((n, from)) = recv_sock.recv_from(&mut buf).await else { continue };
+            let admitted = gate.admit(now_ms(), from, &buf[..n], recv_nodes.borrow().as_ref()).map(<[u8]>::to_vec);
+            match admitted {
+                Ok(p) => {
+                    if recv_tx.send(Input::Data(p)).is_err() {
                         return;
                     }
                 }
-                None => tracing::debug!("dropped a membership packet with a bad or missing tag"),
+                Err(r) => {
+                    rejected.get_or_create(&ReasonLabel::from(r)).inc();
+                    tracing::debug!(%from, reason = r.label(), "dropped a membership packet: {r}");
+                }
             }
         }
     });
 
-    let seed =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-            ^ u64::from(std::process::id());
-    let mut foca = Foca::new(identity, fast_config(settings.cluster_size), StdRng::seed_from_u64(seed), PostcardCodec);
+    let mut config = tuned_config(1);
+    let mut foca = Foca::new(identity, config.clone(), rng, PostcardCodec);
     let timer_tx = in_tx.clone();
+    let mut nodes = settings.nodes.clone();
     let task = tokio::spawn(async move {
         let _receiver = AbortOnDrop(receiver);
         let mut runtime = foca::AccumulatingRuntime::new();
         let mut members: BTreeSet<Member> = BTreeSet::new();
         let mut left: Option<oneshot::Sender<()>> = None;
+        let mut nodes_open = true;
         loop {
             let input = tokio::select! {
-                Some(i) = in_rx.recv() => i,
-                Some(c) = cmd_rx.recv() => Input::Cmd(c),
+                Some(i) = in_rx.recv() => Some(i),
+                Some(c) = cmd_rx.recv() => Some(Input::Cmd(c)),
+                r = nodes.changed(), if nodes_open => {
+                    nodes_open = r.is_ok();
+                    None
+                }
                 else => return,
             };
             let result = match input {
-                Input::Data(d) => foca.handle_data(&d, &mut runtime),
-                Input::Timer(t) => foca.handle_timer(t, &mut runtime),
-                Input::Cmd(Cmd::Announce(addr)) => {
+                None => Ok(()),
+                Some(Input::Data(d)) => foca.handle_data(&d, &mut runtime),
+                Some(Input::Timer(t)) => foca.handle_timer(t, &mut runtime),
+                Some(Input::Cmd(Cmd::Announce(addr))) => {
                     // The peer's identity is not known yet; any identity with its address will
                     // do for an announce.
                     let to = Member { node: String::new(), addr, incarnation: 0 };
                     foca.announce(to, &mut runtime)
                 }
-                Input::Cmd(Cmd::Leave(done)) => {
+                Some(Input::Cmd(Cmd::Leave(done))) => {
                     left = Some(done);
                     foca.leave_cluster(&mut runtime)
                 }
@@ -243,7 +260,10 @@ pub async fn start(settings: Settings) -> std::io::Result<Handle> {
                 tracing::debug!(error = %e, "membership input");
             }
             while let Some((to, data)) = runtime.to_send() {
-                let packet = seal(secret.as_deref(), &data);
+                let packet = match &mut sealer {
+                    Some(s) => s.seal(now_ms(), to.addr, &data),
+                    None => data.to_vec(),
+                };
                 let _ = socket.send_to(&packet, to.addr).await;
             }
             while let Some((after, timer)) = runtime.to_schedule() {
@@ -253,24 +273,44 @@ pub async fn start(settings: Settings) -> std::io::Result<Handle> {
                     let _ = tx.send(Input::Timer(timer));
                 });
             }
-            let mut changed = false;
             while let Some(n) = runtime.to_notify() {
                 match n {
-                    OwnedNotification::MemberUp(m) => changed |= members.insert(m),
-                    OwnedNotification::MemberDown(m) => changed |= members.remove(&m),
+                    OwnedNotification::MemberUp(m) => {
+                        members.insert(m);
+                    }
+                    OwnedNotification::MemberDown(m) => {
+                        members.remove(&m);
+                    }
                     OwnedNotification::Rename(old, new) => {
                         members.remove(&old);
                         members.insert(new);
-                        changed = true;
                     }
                     _ => {}
                 }
             }
-            if changed {
-                let mut names: BTreeSet<String> = members.iter().map(|m| m.node.clone()).collect();
-                names.insert(foca.identity().node.clone());
+            let names = alive_names(foca.identity(), &members, nodes.borrow().as_ref());
+            if *alive_tx.borrow() != names {
                 tracing::info!(alive = ?names, "membership changed");
                 alive_tx.send_replace(names);
+            }
+            // Timers follow the number of members foca knows alive (believed or not: they all
+            // take part in gossip).
+            let want = tuned_config(members.len() + 1);
+            if want.max_transmissions != config.max_transmissions
+                || want.suspect_to_down_after != config.suspect_to_down_after
+            {
+                match foca.set_config(want.clone()) {
+                    Ok(()) => {
+                        tracing::info!(
+                            members = members.len() + 1,
+                            suspect_ms = want.suspect_to_down_after.as_millis() as u64,
+                            transmissions = want.max_transmissions.get(),
+                            "membership timers follow the member count"
+                        );
+                        config = want;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "retuning the membership"),
+                }
             }
             if let Some(done) = left.take() {
                 let _ = done.send(());
@@ -293,17 +333,41 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use foca::{Codec, Header, Message};
+    use std::collections::BTreeMap;
     use std::time::Instant;
 
-    async fn node(name: &str, secret: Option<&[u8]>) -> Handle {
+    const SECRET: &[u8] = b"a secret of the membership tests";
+
+    /// Nodes `names`, all at 127.0.0.1 (where the test members run).
+    fn local_nodes(names: &[&str]) -> watch::Receiver<Option<NodeAddrs>> {
+        let map: NodeAddrs = names.iter().map(|n| (n.to_string(), vec!["127.0.0.1".parse().unwrap()])).collect();
+        watch::channel(Some(map)).1
+    }
+
+    async fn node_with(name: &str, secret: Option<&[u8]>, nodes: watch::Receiver<Option<NodeAddrs>>) -> Handle {
+        node_counting(name, secret, nodes, RejectedPackets::default()).await
+    }
+
+    async fn node_counting(
+        name: &str,
+        secret: Option<&[u8]>,
+        nodes: watch::Receiver<Option<NodeAddrs>>,
+        rejected: RejectedPackets,
+    ) -> Handle {
         start(Settings {
             identity: Member { node: name.into(), addr: "127.0.0.1:0".parse().unwrap(), incarnation: 1 },
             bind: "127.0.0.1:0".parse().unwrap(),
             secret: secret.map(<[u8]>::to_vec),
-            cluster_size: 3,
+            nodes,
+            rejected,
         })
         .await
         .unwrap()
+    }
+
+    async fn node(name: &str, secret: Option<&[u8]>) -> Handle {
+        node_with(name, secret, local_nodes(&["a", "b", "c", "x"])).await
     }
 
     async fn wait_for(h: &Handle, want: &[&str], within: Duration) -> Duration {
@@ -319,24 +383,28 @@ mod tests {
         start.elapsed()
     }
 
-    #[test]
-    fn tags_are_checked() {
-        let p = seal(Some(b"s3cret"), b"hello");
-        assert_eq!(open(Some(b"s3cret"), &p), Some(&b"hello"[..]));
-        assert_eq!(open(Some(b"other"), &p), None);
-        assert_eq!(open(Some(b"s3cret"), &p[..10]), None);
-        let mut bad = p.clone();
-        let i = 40 % bad.len();
-        bad[i] ^= 1;
-        assert_eq!(open(Some(b"s3cret"), &bad), None);
-        assert_eq!(open(None, b"plain"), Some(&b"plain"[..]));
+    fn count(r: &RejectedPackets, reason: Reject) -> u64 {
+        r.get_or_create(&ReasonLabel::from(reason)).get()
+    }
+
+    /// A foca Announce from `from` (claiming to be `node` at `claimed`) to `to`.
+    fn announce_packet(node: &str, claimed: SocketAddr, to: SocketAddr) -> Vec<u8> {
+        let header = Header {
+            src: Member { node: node.into(), addr: claimed, incarnation: 7 },
+            src_incarnation: 0,
+            dst: Member { node: String::new(), addr: to, incarnation: 0 },
+            message: Message::Announce,
+        };
+        let mut buf = Vec::new();
+        PostcardCodec.encode_header(&header, &mut buf).unwrap();
+        buf
     }
 
     #[tokio::test]
     async fn members_join_crash_is_detected_and_leave_is_at_once() {
-        let a = node("a", Some(b"k")).await;
-        let b = node("b", Some(b"k")).await;
-        let c = node("c", Some(b"k")).await;
+        let a = node("a", Some(SECRET)).await;
+        let b = node("b", Some(SECRET)).await;
+        let c = node("c", Some(SECRET)).await;
         b.announce(a.local_addr).await;
         c.announce(a.local_addr).await;
         wait_for(&a, &["a", "b", "c"], Duration::from_secs(5)).await;
@@ -355,12 +423,119 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn insecure_members_still_join() {
+        let a = node("a", None).await;
+        let b = node("b", None).await;
+        b.announce(a.local_addr).await;
+        wait_for(&a, &["a", "b"], Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
     async fn a_speaker_without_the_secret_cannot_join() {
-        let a = node("a", Some(b"right")).await;
-        let x = node("x", Some(b"wrong")).await;
+        let rejected = RejectedPackets::default();
+        let a = node_counting("a", Some(SECRET), local_nodes(&["a", "x"]), rejected.clone()).await;
+        let x = node("x", Some(b"another secret, as long as it")).await;
         x.announce(a.local_addr).await;
         tokio::time::sleep(Duration::from_millis(800)).await;
         assert_eq!(*a.alive.borrow(), BTreeSet::from(["a".to_string()]));
         assert_eq!(*x.alive.borrow(), BTreeSet::from(["x".to_string()]));
+        assert!(count(&rejected, Reject::BadTag) >= 1, "bad tags not counted");
+    }
+
+    #[tokio::test]
+    async fn replayed_stale_and_garbage_packets_are_dropped_and_counted() {
+        let rejected = RejectedPackets::default();
+        let a = node_counting("a", Some(SECRET), local_nodes(&["a", "x"]), rejected.clone()).await;
+        let x = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let from = x.local_addr().unwrap();
+        let mut sealer = wire::Sealer::new(SECRET, 42);
+        let packet = sealer.seal(now_ms(), a.local_addr, &announce_packet("x", from, a.local_addr));
+        x.send_to(&packet, a.local_addr).await.unwrap();
+        wait_for(&a, &["a", "x"], Duration::from_secs(2)).await;
+        // x says nothing more and is declared down; the recording replayed brings nothing back.
+        wait_for(&a, &["a"], Duration::from_secs(5)).await;
+        x.send_to(&packet, a.local_addr).await.unwrap();
+        let stale = sealer.seal(now_ms() - 2 * wire::FRESH_MS, a.local_addr, &announce_packet("x", from, a.local_addr));
+        x.send_to(&stale, a.local_addr).await.unwrap();
+        x.send_to(b"\x01garbage", a.local_addr).await.unwrap();
+        let elsewhere = sealer.seal(now_ms(), from, &announce_packet("x", from, a.local_addr));
+        x.send_to(&elsewhere, a.local_addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(*a.alive.borrow(), BTreeSet::from(["a".to_string()]));
+        assert_eq!(count(&rejected, Reject::Replayed), 1);
+        assert_eq!(count(&rejected, Reject::Stale), 1);
+        assert_eq!(count(&rejected, Reject::Malformed), 1);
+        assert_eq!(count(&rejected, Reject::Misdirected), 1);
+    }
+
+    #[tokio::test]
+    async fn a_member_is_believed_only_from_its_nodes_address() {
+        let rejected = RejectedPackets::default();
+        // x is a Node at another address than the one it speaks from; y is no Node at all.
+        let map: NodeAddrs = BTreeMap::from([
+            ("a".to_string(), vec!["127.0.0.1".parse().unwrap()]),
+            ("x".to_string(), vec!["192.0.2.99".parse().unwrap()]),
+        ]);
+        let a = node_counting("a", Some(SECRET), watch::channel(Some(map)).1, rejected.clone()).await;
+        let rogue = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let from = rogue.local_addr().unwrap();
+        let mut sealer = wire::Sealer::new(SECRET, 43);
+        for (name, claimed) in [("x", from), ("x", "192.0.2.99:7946".parse().unwrap()), ("y", from)] {
+            let p = sealer.seal(now_ms(), a.local_addr, &announce_packet(name, claimed, a.local_addr));
+            rogue.send_to(&p, a.local_addr).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(*a.alive.borrow(), BTreeSet::from(["a".to_string()]));
+        assert_eq!(count(&rejected, Reject::Identity), 3);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_believed_before_the_nodes_are_known() {
+        let (tx, rx) = watch::channel(None);
+        let a = node_with("a", Some(SECRET), rx).await;
+        let b = node("b", Some(SECRET)).await;
+        b.announce(a.local_addr).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(*a.alive.borrow(), BTreeSet::from(["a".to_string()]));
+        // Listed: b's next announce is believed.
+        tx.send_replace(Some(local_nodes(&["a", "b"]).borrow().clone().unwrap()));
+        b.announce(a.local_addr).await;
+        wait_for(&a, &["a", "b"], Duration::from_secs(3)).await;
+    }
+
+    #[test]
+    fn members_rumored_at_another_address_are_not_alive() {
+        let me = Member { node: "a".into(), addr: "192.0.2.11:7946".parse().unwrap(), incarnation: 1 };
+        let m = |node: &str, addr: &str| Member { node: node.into(), addr: addr.parse().unwrap(), incarnation: 1 };
+        let members = BTreeSet::from([m("b", "192.0.2.12:7946"), m("c", "192.0.2.66:7946"), m("z", "192.0.2.14:7946")]);
+        let nodes: NodeAddrs = BTreeMap::from([
+            ("a".to_string(), vec!["192.0.2.11".parse().unwrap()]),
+            ("b".to_string(), vec!["2001:db8:1::12".parse().unwrap(), "192.0.2.12".parse().unwrap()]),
+            ("c".to_string(), vec!["192.0.2.13".parse().unwrap()]),
+        ]);
+        let names = |n: Option<&NodeAddrs>| alive_names(&me, &members, n).into_iter().collect::<Vec<_>>();
+        assert_eq!(names(Some(&nodes)), ["a", "b"]);
+        assert_eq!(names(None), ["a"]);
+    }
+
+    #[test]
+    fn timers_follow_the_member_count() {
+        let small = tuned_config(3);
+        assert_eq!(small.probe_period, Duration::from_millis(250));
+        assert_eq!(small.probe_rtt, Duration::from_millis(100));
+        assert_eq!(small.suspect_to_down_after, Duration::from_millis(500));
+        assert_eq!(small.max_transmissions.get(), MIN_TRANSMISSIONS);
+        assert_eq!(tuned_config(10).suspect_to_down_after, Duration::from_millis(500));
+        let big = tuned_config(1000);
+        assert_eq!(big.suspect_to_down_after, Duration::from_millis(1500));
+        assert!(big.max_transmissions.get() > MIN_TRANSMISSIONS);
+        assert!(tuned_config(100).suspect_to_down_after < big.suspect_to_down_after);
+        // foca takes the change on the fly, both ways.
+        let me = Member { node: "a".into(), addr: "192.0.2.11:7946".parse().unwrap(), incarnation: 1 };
+        let mut foca = Foca::new(me, tuned_config(1), rand::make_rng::<StdRng>(), PostcardCodec);
+        foca.set_config(big).unwrap();
+        foca.set_config(small).unwrap();
+        assert_eq!(tuned_config(0).suspect_to_down_after, Duration::from_millis(500));
+        assert_eq!(tuned_config(usize::MAX).probe_period, Duration::from_millis(250));
     }
 }

@@ -26,6 +26,21 @@ pub struct AnnouncedLabel {
     pub ip: String,
 }
 
+/// The `reason` a membership packet was dropped for (`membership::Reject::label`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+impl From<crate::membership::Reject> for ReasonLabel {
+    fn from(r: crate::membership::Reject) -> Self {
+        ReasonLabel { reason: r.label() }
+    }
+}
+
+/// `ferrolb_membership_rejected_packets_total{reason}`.
+pub type RejectedPackets = Family<ReasonLabel, Counter>;
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<IpLabel, Counter>,
@@ -35,6 +50,9 @@ pub struct Metrics {
     /// Seconds from the change that made this node the announcer (a peer declared dead, a node
     /// cordoned, …, as this speaker saw it) to its first gratuitous packet.
     pub takeover: Histogram,
+    /// Membership packets dropped: forged, stale, replayed, misdirected, or from an address that
+    /// is not the named Node's.
+    pub membership_rejected: RejectedPackets,
     /// The caches have synced and the membership runs.
     pub ready: AtomicBool,
     /// The data plane's health, when it runs.
@@ -63,8 +81,15 @@ impl Default for Metrics {
             "From the change to the first gratuitous packet",
             takeover.clone(),
         );
+        let membership_rejected = RejectedPackets::default();
+        registry.register(
+            "membership_rejected_packets",
+            "Membership packets dropped, by reason",
+            membership_rejected.clone(),
+        );
         Metrics {
             registry,
+            membership_rejected,
             requests,
             responses,
             gratuitous,

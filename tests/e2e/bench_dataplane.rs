@@ -111,6 +111,7 @@ impl Peer {
                 cmd.arg(lab_bin()?.with_file_name("ferrolb-speaker"))
                     .args(["run", &format!("--node={}", self.host()), &format!("--node-ip={}", self.ip())])
                     .arg("--dataplane=full")
+                    .arg("--insecure-membership")
                     .env("KUBECONFIG", NODE_KUBECONFIG);
             }
             Kind::KubeProxy => {
