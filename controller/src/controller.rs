@@ -31,6 +31,8 @@ use kube_lease_manager::LeaseManagerBuilder;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
+use ferrolb_telemetry::vital::{Ended, Vital};
+
 use crate::apply::{Applier, MANAGER};
 use crate::metrics::Metrics;
 use crate::reconcile::Reconciler;
@@ -87,20 +89,23 @@ where
 }
 
 impl Caches {
-    fn start(client: &Client, s: &Settings) -> Self {
+    /// The caches, and their watches (spawned): vital, as a cache that stops following the API
+    /// would have the controller reconcile a past state for ever.
+    fn start(client: &Client, s: &Settings) -> (Self, Vital<'static>) {
+        let mut watches = Vital::new();
         let changed = Arc::new(Notify::new());
         let (services, f1) = watch(Api::<Service>::all(client.clone()), changed.clone());
         let (namespaces, f2) = watch(Api::<Namespace>::all(client.clone()), changed.clone());
         let (pools, f3) = watch(Api::<IPAddressPool>::namespaced(client.clone(), &s.namespace), changed.clone());
-        tokio::spawn(f1);
-        tokio::spawn(f2);
-        tokio::spawn(f3);
+        watches.spawn("Service watch", f1);
+        watches.spawn("Namespace watch", f2);
+        watches.spawn("IPAddressPool watch", f3);
         let metallb_pools = s.metallb_namespace.as_ref().map(|ns| {
             let (store, f) = watch(Api::<metallb::IPAddressPool>::namespaced(client.clone(), ns), changed.clone());
-            tokio::spawn(f);
+            watches.spawn("MetalLB IPAddressPool watch", f);
             store
         });
-        Caches { services, namespaces, pools, metallb_pools, changed }
+        (Caches { services, namespaces, pools, metallb_pools, changed }, watches)
     }
 
     async fn ready(&self) -> Result<()> {
@@ -129,9 +134,22 @@ impl Caches {
 }
 
 /// Runs until `shutdown` resolves; then gives up the lease at once so a standby takes over.
+///
+/// Fails when a task it cannot do without ends (a watch, or the leader's reconcile loop, by a
+/// panic say): the controller cannot do its job, and a process that holds the lease and does
+/// nothing would keep every standby out. The lease is given up first.
 pub async fn run(client: Client, s: Settings, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let caches = Caches::start(&client, &s);
-    caches.ready().await.context("syncing caches")?;
+    let (caches, mut watches) = Caches::start(&client, &s);
+    tokio::select! {
+        r = caches.ready() => if let Err(e) = r {
+            // A store gives up when its watch has ended: name the watch.
+            if let Ok(ended) = tokio::time::timeout(Duration::from_secs(1), watches.next_end()).await {
+                return Err(ended.into());
+            }
+            return Err(e).context("syncing caches");
+        },
+        ended = watches.next_end() => return Err(ended.into()),
+    }
     metrics.ready.store(true, Ordering::Relaxed);
     tracing::info!("caches synced; competing for the lease");
 
@@ -140,22 +158,27 @@ pub async fn run(client: Client, s: Settings, metrics: Arc<Metrics>, shutdown: i
     // A standby wakes up as soon as the leader gives the lease up, instead of sleeping until
     // the lease would have expired.
     let freed = Arc::new(Notify::new());
-    tokio::spawn(watch_lease_freed(client.clone(), s.namespace.clone(), s.lease_name.clone(), freed.clone()));
+    watches.spawn(
+        "Lease watch",
+        watch_lease_freed(client.clone(), s.namespace.clone(), s.lease_name.clone(), freed.clone()),
+    );
 
     let mut shutdown = pin!(shutdown);
-    let mut leading: Option<tokio::task::JoinHandle<()>> = None;
+    // The leader's reconcile loop, while leading; dropping it aborts it.
+    let mut leading: Option<Vital<'static>> = None;
     loop {
         tokio::select! {
             r = manager.changed() => match r {
                 Ok(true) => {
                     tracing::info!(identity = %s.identity, "leading: restoring assignments, then reconciling");
                     metrics.is_leader.set(1);
-                    leading = Some(tokio::spawn(lead(client.clone(), s.clone(), caches.clone(), metrics.clone())));
+                    let mut task = Vital::new();
+                    task.spawn("leadership", lead(client.clone(), s.clone(), caches.clone(), metrics.clone()));
+                    leading = Some(task);
                 }
                 Ok(false) => {
-                    if let Some(t) = leading.take() {
-                        // Lost the lease: stop writing at once.
-                        t.abort();
+                    // Lost the lease: stop writing at once.
+                    if leading.take().is_some() {
                         tracing::warn!("lost the lease; stopped reconciling");
                     }
                     metrics.is_leader.set(0);
@@ -173,18 +196,35 @@ pub async fn run(client: Client, s: Settings, metrics: Arc<Metrics>, shutdown: i
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "lease"),
                 }
             }
-            _ = &mut shutdown => {
-                if let Some(t) = leading.take() {
-                    t.abort();
-                }
+            ended = first_end(&mut leading, &mut watches) => {
+                drop(leading.take()); // aborts the reconcile loop
                 metrics.is_leader.set(0);
-                if let Err(e) = manager.release().await {
-                    tracing::warn!(error = %e, "releasing the lease");
-                }
+                release(&mut manager).await;
+                return Err(ended.into());
+            }
+            _ = &mut shutdown => {
+                drop(leading.take()); // aborts the reconcile loop
+                metrics.is_leader.set(0);
+                release(&mut manager).await;
                 tracing::info!("stopped; lease released");
                 return Ok(());
             }
         }
+    }
+}
+
+/// The first vital task to end: the reconcile loop (while leading) or a watch.
+async fn first_end(leading: &mut Option<Vital<'static>>, watches: &mut Vital<'static>) -> Ended {
+    match leading {
+        Some(leading) => tokio::select! { e = leading.next_end() => e, e = watches.next_end() => e },
+        None => watches.next_end().await,
+    }
+}
+
+/// Gives the lease up, so that a standby takes over at once rather than when it expires.
+async fn release(manager: &mut kube_lease_manager::LeaseManager) {
+    if let Err(e) = manager.release().await {
+        tracing::warn!(error = %e, "releasing the lease");
     }
 }
 

@@ -66,27 +66,22 @@ async fn main() -> Result<()> {
         lease_grace: Duration::from_secs((args.lease_duration / 3).max(1)),
         identity,
     };
-    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let metrics = Arc::new(Metrics::default());
+    // Bound first: a port in use is a start-up error naming it.
+    let server = ferrolb_telemetry::bind(args.metrics_addr, metrics.clone()).await?;
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut http_stop = stop_rx.clone();
-    let http = tokio::spawn(ferrolb_telemetry::serve(args.metrics_addr, metrics.clone(), async move {
-        let _ = http_stop.changed().await;
-    }));
-    let mut ctl_stop = stop_rx;
-    let ctl = controller::run(client, settings, metrics, async move {
-        let _ = ctl_stop.changed().await;
-    });
-    tokio::pin!(ctl);
-    tokio::select! {
-        r = &mut ctl => { r?; }
-        _ = ferrolb_telemetry::shutdown_signal() => {
-            let _ = stop_tx.send(true);
-            ctl.await?;
-        }
-    }
-    let _ = stop_tx.send(true);
-    let _ = http.await;
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut vital = ferrolb_telemetry::vital::Vital::new();
+    vital.spawn("metrics server", server.serve(stopped(stop_rx.clone())));
+    vital.add("controller", controller::run(client, settings, metrics, stopped(stop_rx.clone())));
+    let signal = async move {
+        ferrolb_telemetry::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    vital.run(signal).await?;
     Ok(())
 }

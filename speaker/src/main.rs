@@ -154,6 +154,15 @@ async fn run(a: RunArgs) -> Result<()> {
              or run without one on purpose: --insecure-membership (speaker.memberlist.enabled=false)"
         );
     }
+    let families = vec![model::Family::V4, model::Family::V6];
+    let dp_metrics = Arc::new(DataplaneMetrics::default());
+    let mut metrics = ferrolb_speaker::metrics::Metrics::default();
+    if a.dataplane != Dataplane::Off {
+        metrics.add_dataplane(dp_metrics.clone());
+    }
+    let metrics = Arc::new(metrics);
+    // Bound first: a port in use is a start-up error naming it.
+    let server = ferrolb_telemetry::bind(a.metrics_addr, metrics.clone()).await?;
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let secret = match (&a.secret_file, &a.membership_secret) {
         (Some(p), _) => {
@@ -177,13 +186,6 @@ async fn run(a: RunArgs) -> Result<()> {
         handovers: None,
         status_owner: None,
     };
-    let families = vec![model::Family::V4, model::Family::V6];
-    let dp_metrics = Arc::new(DataplaneMetrics::default());
-    let mut metrics = ferrolb_speaker::metrics::Metrics::default();
-    if a.dataplane != Dataplane::Off {
-        metrics.add_dataplane(dp_metrics.clone());
-    }
-    let metrics = Arc::new(metrics);
 
     // One SIGTERM stops both parts.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -203,7 +205,6 @@ async fn run(a: RunArgs) -> Result<()> {
     if a.dataplane != Dataplane::Off {
         settings.handovers = Some(Arc::new(handover_tx));
     }
-    let server = tokio::spawn(ferrolb_telemetry::serve(a.metrics_addr, metrics.clone(), std::future::pending()));
     let cluster = ferrolb_speaker::watch::Cluster::start(&client);
     let mode = match a.dataplane {
         Dataplane::Full => Some(model::Mode::Full),
@@ -237,7 +238,12 @@ async fn run(a: RunArgs) -> Result<()> {
     let namespace = settings.namespace.clone();
     let announcer =
         ferrolb_speaker::announcer::run(client.clone(), &cluster, settings, metrics, stopped(stop_rx.clone()));
-    let (r_announcer, r_dp) = tokio::join!(announcer, dp);
+    // Each part is vital: one that ends before SIGTERM ends the process (logged, exit code 1).
+    let mut vital = ferrolb_telemetry::vital::Vital::new();
+    vital.spawn("metrics server", server.serve(stopped(stop_rx.clone())));
+    vital.add("announcer", announcer);
+    vital.add("data plane", dp);
+    let ended = vital.run(stopped(stop_rx.clone())).await;
     if let Some(own) = &own_ds
         && own.uninstalling()
     {
@@ -254,8 +260,7 @@ async fn run(a: RunArgs) -> Result<()> {
             Err(e) => tracing::warn!(error = %e, "removing this node's ServiceL2Statuses"),
         }
     }
-    server.abort();
-    r_announcer.and(r_dp)
+    Ok(ended?)
 }
 
 /// The speakers' own DaemonSet, watched (by name) from the start: at shutdown it tells an

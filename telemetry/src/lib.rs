@@ -3,6 +3,10 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod vital;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,20 +39,40 @@ async fn readyz<T: Telemetry>(State(t): State<Arc<T>>) -> (StatusCode, &'static 
     if t.ready() { (StatusCode::OK, "ok\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
 }
 
-/// Serves `/metrics`, `/healthz` and `/livez` (both 503 when not healthy) and `/readyz` on `addr` until `shutdown` resolves.
-pub async fn serve<T: Telemetry>(
-    addr: SocketAddr,
-    t: Arc<T>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+/// The `/metrics`, `/healthz`, `/livez` and `/readyz` server, its port already bound: a port in
+/// use is a start-up error that names the address, not a server that silently never runs.
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    app: Router,
+}
+
+/// The metrics address could not be bound (in use, not ours, not an address of this host).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve /metrics, /healthz and /readyz on {addr}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds `addr` now, for [`Server::serve`] to answer on.
+pub async fn bind<T: Telemetry>(addr: SocketAddr, t: Arc<T>) -> Result<Server, BindError> {
     let app = Router::new()
         .route("/metrics", get(metrics::<T>))
         .route("/healthz", get(healthz::<T>))
         .route("/livez", get(healthz::<T>))
         .route("/readyz", get(readyz::<T>))
         .with_state(t);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })?;
+    Ok(Server { listener, app })
+}
+
+impl Server {
+    /// Serves `/metrics`, `/healthz` and `/livez` (both 503 when not healthy) and `/readyz`
+    /// until `shutdown` resolves.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        axum::serve(self.listener, self.app).with_graceful_shutdown(shutdown).await
+    }
 }
 
 /// Logs to stderr at `level` (tracing's EnvFilter syntax), as `json` or text.

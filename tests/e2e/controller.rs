@@ -61,6 +61,7 @@ fn main() -> ExitCode {
         ("metrics_count_addresses", metrics),
         ("metallb_pools_are_read_with_compatibility_on", metallb_compat),
         ("two_replicas_exactly_one_writes_and_failover", two_replicas),
+        ("a_leader_whose_reconcile_loop_dies_gives_the_lease_up_and_exits", leadership_dies),
         ("200_services_through_10_restarts_keep_their_addresses", restarts),
     ];
     run_suite("controller", cases)
@@ -410,6 +411,40 @@ fn two_replicas(lab: &Lab) -> Result<()> {
     lab.apply(&lb_service("after-kill", &[], ""))?;
     wait_ingress(lab, "after-kill")?;
     lab.kubectl(&["delete", "service", "while-two", "after-term", "after-kill"])?;
+    Ok(())
+}
+
+/// The leader's reconcile loop panics (the `FERROLB_FAULT_END_TASK` hook) as soon as it leads:
+/// the controller says which task ended, gives the lease up for a standby, and exits 1.
+fn leadership_dies(lab: &Lab) -> Result<()> {
+    const LEASE: &str = "fault-leadership";
+    let log = std::env::temp_dir().join("ferrolb-e2e-ctl-fault.log");
+    let mut child = std::process::Command::new(Controller::bin()?)
+        .args(["--identity=ctl-fault", "--metrics-addr=127.0.0.1:17479", "--lease-duration=6"])
+        .arg(format!("--lease-name={LEASE}"))
+        .env("KUBECONFIG", "/run/ferrolb-lab/kubeconfig")
+        .env("FERROLB_FAULT_END_TASK", "leadership")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let t = Instant::now();
+    let status = wait_for("the faulty controller to exit", Duration::from_secs(30), || Ok(child.try_wait()?));
+    if status.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let status = status?;
+    let err = std::fs::read_to_string(&log)?;
+    println!("  exited {:.1} s after start", t.elapsed().as_secs_f64());
+    ensure!(status.code() == Some(1), "exit status {status}; log:\n{err}");
+    ensure!(
+        err.contains("the leadership task panicked") && err.contains("exiting"),
+        "the log must name the task:\n{err}"
+    );
+    let lease = lab.kubectl_json(&["get", "lease", "-n", "ferrolb-system", LEASE])?;
+    let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default();
+    ensure!(holder.is_empty(), "the lease must be given up, it is held by {holder:?}");
+    lab.kubectl(&["delete", "lease", "-n", "ferrolb-system", LEASE])?;
     Ok(())
 }
 

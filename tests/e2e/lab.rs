@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         ("errors_name_the_fix", errors_name_the_fix),
         ("up_makes_every_node_ready", up_makes_every_node_ready),
         ("up_again_is_harmless_and_repairs_a_half_started_lab", up_again_repairs),
+        ("down_returns_once_every_process_is_gone_and_up_right_after_works", down_waits),
         ("scheduler_spreads_the_deployment_and_pods_run_with_ips", deployment_spreads),
         ("endpointslices_list_the_ready_pods", endpointslices_list_pods),
         ("pods_are_reachable_across_nodes", pods_reachable_across_nodes),
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
         ("an_unsupported_image_stays_pending_with_an_event", unsupported_image),
         ("a_ferrolb_image_runs_the_local_binary_with_its_serviceaccount_token", ferrolb_image),
         ("a_deleted_pod_is_stopped_and_its_namespace_removed", deleted_pod_cleaned),
+        ("a_drill_without_ferrolb_finds_the_announcer_on_the_wire", drill_without_ferrolb),
         ("an_ipv4_only_lab_has_no_ipv6", ipv4_only_lab),
         ("down_leaves_nothing_behind", down_leaves_nothing),
     ];
@@ -116,6 +118,53 @@ fn up_again_repairs(lab: &Lab) -> Result<()> {
     ensure!(std::fs::read(lab.lab(&["kubeconfig"])?.trim())? == kc_before, "up must keep the kubeconfig");
     // A different shape is refused with the fix.
     fails_with(lab.bin(), &["up", "--nodes", "2"], "run 'ferrolb-lab down' first")?;
+    Ok(())
+}
+
+/// Every process of the lab: the recorded ones (control plane, agents) and all in its namespaces.
+fn lab_pids() -> Result<Vec<(i32, String)>> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/run/ferrolb-lab/pids")? {
+        let e = e?;
+        if let Ok(pid) = std::fs::read_to_string(e.path())?.trim().parse() {
+            pids.push((pid, e.file_name().to_string_lossy().trim_end_matches(".pid").to_string()));
+        }
+    }
+    for ns in run("ip", &["netns", "list"])?.lines().filter_map(|l| l.split_whitespace().next()) {
+        if ns == "client" || ns == "control-plane" || ns.starts_with("node-") || ns.starts_with("flbpod-") {
+            let found = run("ip", &["netns", "pids", ns])?;
+            pids.extend(found.split_whitespace().filter_map(|p| Some((p.parse().ok()?, format!("a process in {ns}")))));
+        }
+    }
+    Ok(pids)
+}
+
+/// `None` when the process is gone for good; else what is left of it. A zombie counts as gone
+/// only once all its threads have exited: until then it still holds its ports.
+fn still_there(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat.rsplit(')').next()?.split_whitespace().next()?.to_string();
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0);
+    (state != "Z" || threads > 1).then(|| format!("state {state}, {threads} threads"))
+}
+
+fn down_waits(lab: &Lab) -> Result<()> {
+    lab.lab(&["up"])?;
+    let pids = lab_pids()?;
+    ensure!(pids.iter().any(|(_, n)| n == "etcd") && pids.iter().any(|(_, n)| n == "kube-apiserver"), "pids: {pids:?}");
+    let t = Instant::now();
+    lab.lab(&["down"])?;
+    let took = t.elapsed().as_secs_f64();
+    let left: Vec<String> =
+        pids.iter().filter_map(|(pid, name)| Some(format!("{name} (pid {pid}): {}", still_there(*pid)?))).collect();
+    println!("  down: {took:.1} s, {} processes stopped", pids.len());
+    ensure!(left.is_empty(), "down returned while these still ran: {left:?}");
+    // At once: nothing of the old lab is in the way.
+    let t = Instant::now();
+    lab.lab(&["up"])?;
+    println!("  up right after down: {:.1} s", t.elapsed().as_secs_f64());
+    let status = lab.lab(&["status"])?;
+    ensure!(!status.contains("NOT RUNNING"), "after down and up:\n{status}");
     Ok(())
 }
 
@@ -419,6 +468,62 @@ spec:
     ensure!(log.contains("user: system:serviceaccount:default:lab-e2e"), "whoami said: {log}");
     lab.kubectl(&["delete", "pod/whoami", "serviceaccount/lab-e2e", "--wait=true", "--timeout=30s"])?;
     Ok(())
+}
+
+/// A LoadBalancer Service given its addresses by someone else (here: by hand), answered for
+/// by a plain `ferrolb-speaker respond` on node-2, with no ferrolb CRD installed.
+fn drill_without_ferrolb(lab: &Lab) -> Result<()> {
+    lab.lab(&["up"])?;
+    ensure!(lab.kubectl(&["get", "crd", "servicel2statuses.ferrolb.io"]).is_err(), "this case needs no ferrolb CRDs");
+    lab.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: other-lb}\nspec:\n  type: LoadBalancer\n  selector: {app: webserver}\n  ports: [{port: 80, targetPort: 80}]\n",
+    )?;
+    lab.kubectl(&[
+        "patch",
+        "service",
+        "other-lb",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"loadBalancer":{"ingress":[{"ip":"192.0.2.240"},{"ip":"2001:db8:1::f0"}]}}}"#,
+    ])?;
+    let speaker = ferrolb_e2e::lab_bin()?.with_file_name("ferrolb-speaker");
+    let mut responder = std::process::Command::new("nsenter")
+        .args(["--net=/run/netns/node-2", "--"])
+        .arg(&speaker)
+        .args(["respond", "--ip", "192.0.2.240", "--ip", "2001:db8:1::f0", "--interface", "eth0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", speaker.display()))?;
+    let r = (|| -> Result<()> {
+        std::thread::sleep(Duration::from_millis(500));
+        let drill = |args: &[&str]| -> Result<serde_json::Value> {
+            let mut all = vec!["drill"];
+            all.extend_from_slice(args);
+            all.extend_from_slice(&["--rate", "10", "--seconds", "1", "--json"]);
+            Ok(serde_json::from_str(&lab.lab(&all)?)?)
+        };
+        for family in [&[][..], &["--ipv6"][..]] {
+            let mut args = vec!["cordon", "--announcer", "default/other-lb"];
+            args.extend_from_slice(family);
+            let o = drill(&args)?;
+            ensure!(o["node"] == "node-2" && o["announcer_before"] == "node-2", "drill {args:?}: {o}");
+            lab.lab(&["drill", "uncordon", "node-2"])?;
+        }
+        // A named node: the announcer is still told, from the wire.
+        let o = drill(&["cordon", "node-1", "--service", "default/other-lb"])?;
+        ensure!(o["node"] == "node-1" && o["announcer_before"] == "node-2", "drill cordon node-1: {o}");
+        ensure!(o["requests"].as_u64().unwrap_or(0) > 0, "no load was sent: {o}");
+        lab.lab(&["drill", "uncordon", "node-1"])?;
+        Ok(())
+    })();
+    let _ = responder.kill();
+    let _ = responder.wait();
+    let _ = lab.lab(&["drill", "uncordon", "node-1"]);
+    let _ = lab.lab(&["drill", "uncordon", "node-2"]);
+    lab.kubectl(&["delete", "service", "other-lb", "--wait=true"])?;
+    r
 }
 
 fn ipv4_only_lab(lab: &Lab) -> Result<()> {

@@ -408,15 +408,13 @@ async fn wait_pods_ready(client: &kube::Client, node: &str, within: Duration) ->
     .await
 }
 
-/// Waits until `pid` has let go of everything it held: its threads are gone (a killed thread
-/// group leader shows as a zombie while the others still exit, holding the sockets), and it is
-/// reaped if it is our child (a component this process restarted earlier).
+/// Waits until `pid` has let go of everything it held ([`procs::gone`]), reaping it if it is our
+/// child (a component this process restarted earlier).
 pub async fn wait_gone(pid: i32, within: Duration) -> Result<()> {
     let start = Instant::now();
     loop {
         let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
-        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0);
-        if threads == 0 || (threads == 1 && !procs::alive(pid)) {
+        if procs::gone(pid) {
             return Ok(());
         }
         if start.elapsed() > within {

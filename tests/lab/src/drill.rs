@@ -81,14 +81,90 @@ fn split_service(s: &str) -> (String, String) {
     }
 }
 
-/// The node named in the service's ServiceL2Status, if any.
+/// The node named in the service's ServiceL2Status, if any. With ferrolb's CRDs not installed
+/// (a lab running another load balancer, or none) no announcer is known: `None`.
 async fn announcer(client: &kube::Client, ferrolb_ns: &str, service: &str) -> Result<Option<String>> {
     let (ns, name) = split_service(service);
     let gvk = kube::api::GroupVersionKind::gvk("ferrolb.io", "v1beta1", "ServiceL2Status");
     let ar = kube::api::ApiResource::from_gvk_with_plural(&gvk, "servicel2statuses");
     let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ferrolb_ns, &ar);
-    let obj = api.get_opt(&format!("{ns}.{name}")).await.context("reading ServiceL2Statuses")?;
+    // A resource that is not installed answers a plain-text 404, which `get_opt` does not
+    // take for "not found".
+    let obj = match api.get_opt(&format!("{ns}.{name}")).await {
+        Ok(obj) => obj,
+        Err(kube::Error::Api(s)) if s.code == 404 => None,
+        Err(e) => return Err(e).context("reading ServiceL2Statuses"),
+    };
     Ok(obj.and_then(|o| o.data["status"]["node"].as_str().map(str::to_string)))
+}
+
+/// The node that answers ARP (IPv4) or NDP (IPv6) for `ip` on the LAN, asked from the client:
+/// whatever announces it, ferrolb or another load balancer. The client's own kernel does the
+/// asking (it resolves the address to send a datagram there); its neighbour entry then holds
+/// the MAC that answered, which is one node's eth0. `None` when nobody answers.
+async fn announcer_on_wire(paths: &Paths, ip: IpAddr) -> Result<Option<String>> {
+    const CLIENT: &str = "client";
+    let plan = lifecycle::current_plan(paths).context("the lab is not up: run 'ferrolb-lab up'")?;
+    let dst = ip.to_string();
+    // Forget what the client knew, so that the answer is today's.
+    let _ = crate::cmd::ip_in(CLIENT, &["neigh", "flush", "to", &dst, "dev", "eth0"]);
+    send_from(CLIENT, ip).with_context(|| format!("sending to {ip} from the {CLIENT} host"))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mac = loop {
+        let out = crate::cmd::stdout("ip", &["-n", CLIENT, "-j", "neigh", "show", "to", &dst, "dev", "eth0"])?;
+        let entries: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        let entry = entries.as_array().and_then(|a| a.first()).cloned().unwrap_or_default();
+        if let Some(mac) = entry["lladdr"].as_str() {
+            break mac.to_lowercase();
+        }
+        let failed = entry["state"].as_array().is_some_and(|s| s.iter().any(|x| x == "FAILED"));
+        if failed || tokio::time::Instant::now() > deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for node in plan.nodes() {
+        let out = crate::cmd::stdout("ip", &["-n", &node.name, "-j", "link", "show", "eth0"])?;
+        let links: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        if links[0]["address"].as_str().is_some_and(|a| a.eq_ignore_ascii_case(&mac)) {
+            return Ok(Some(node.name));
+        }
+    }
+    bail!("{mac} answers for {ip}, and it is no node's eth0")
+}
+
+/// Sends one datagram to `ip` (the discard port) from network namespace `ns`: a thread of
+/// ours enters it for that, so that its kernel resolves the address.
+fn send_from(ns: &str, ip: IpAddr) -> Result<()> {
+    let netns =
+        std::fs::File::open(format!("/run/netns/{ns}")).with_context(|| format!("no network namespace {ns}"))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> Result<()> {
+                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).context("entering it")?;
+                let any: IpAddr = if ip.is_ipv6() { "::".parse()? } else { "0.0.0.0".parse()? };
+                let sock = std::net::UdpSocket::bind((any, 0))?;
+                sock.send_to(b"ferrolb-lab drill: who answers?", (ip, 9))?;
+                Ok(())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread sending from {ns} panicked"))?
+    })
+}
+
+/// Who announces `service`: its ServiceL2Status, else (ferrolb's CRDs missing, or no status
+/// yet) whoever answers for `ip` on the wire.
+async fn who_announces(
+    paths: &Paths,
+    client: &kube::Client,
+    ferrolb_ns: &str,
+    service: &str,
+    ip: IpAddr,
+) -> Result<Option<String>> {
+    match announcer(client, ferrolb_ns, service).await? {
+        Some(node) => Ok(Some(node)),
+        None => announcer_on_wire(paths, ip).await,
+    }
 }
 
 /// The service's EXTERNAL-IP of the family asked for.
@@ -176,12 +252,21 @@ fn check_node(paths: &Paths, node: &str) -> Result<()> {
 pub async fn run(paths: &Paths, d: &Drill) -> Result<Outcome> {
     let client = crate::kube_client(paths).await?;
     let service = if d.service.contains('/') { d.service.clone() } else { format!("default/{}", d.service) };
-    let before = announcer(&client, &d.ferrolb_namespace, &service).await?;
+    let mut before = announcer(&client, &d.ferrolb_namespace, &service).await?;
     let node = match (&d.node, d.announcer) {
         (Some(n), false) => n.clone(),
-        (None, true) => before.clone().with_context(|| {
-            format!("nobody announces {service} (no ServiceL2Status in {}): is ferrolb running?", d.ferrolb_namespace)
-        })?,
+        (None, true) => {
+            if before.is_none() {
+                let ip = external_ip(&client, &service, d.ipv6).await?;
+                before = announcer_on_wire(paths, ip).await?;
+            }
+            before.clone().with_context(|| {
+                format!(
+                    "nobody announces {service}: no ServiceL2Status in {}, and nobody answers for its address on the LAN",
+                    d.ferrolb_namespace
+                )
+            })?
+        }
         _ => bail!("name a NODE or give --announcer (not both)"),
     };
     check_node(paths, &node)?;
@@ -202,6 +287,9 @@ pub async fn run(paths: &Paths, d: &Drill) -> Result<Outcome> {
         });
     }
     let ip = external_ip(&client, &service, d.ipv6).await?;
+    if before.is_none() {
+        before = announcer_on_wire(paths, ip).await?;
+    }
     let url = if ip.is_ipv6() { format!("http://[{ip}]/") } else { format!("http://{ip}/") };
     let total = d.before + d.after;
     let exe = std::env::current_exe().context("locating ferrolb-lab")?;
@@ -229,7 +317,7 @@ pub async fn run(paths: &Paths, d: &Drill) -> Result<Outcome> {
         service: service.clone(),
         ip: ip.to_string(),
         announcer_before: before,
-        announcer_after: announcer(&client, &d.ferrolb_namespace, &service).await?,
+        announcer_after: who_announces(paths, &client, &d.ferrolb_namespace, &service, ip).await?,
         requests: report.requests,
         failed: report.failed,
         max_gap_ms: report.max_gap_ms,

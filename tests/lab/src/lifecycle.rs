@@ -150,17 +150,25 @@ pub fn down(paths: &Paths) -> Result<()> {
                 .collect()
         })
         .unwrap_or_default();
-    procs::stop_all(&agents, Duration::from_secs(5));
+    let mut stuck = procs::stop_all(&agents, Duration::from_secs(5));
 
     // Everything still running in a lab namespace: pods, and whatever a test started there.
     let namespaces = netns::lab_namespaces();
     let in_ns: Vec<i32> = namespaces.iter().flat_map(|n| netns::pids_in(n)).collect();
-    procs::stop_all(&in_ns, Duration::from_secs(5));
+    stuck.extend(procs::stop_all(&in_ns, Duration::from_secs(5)));
 
     // The control plane, newest first, then any stray process that names the lab directory.
     let mut cp: Vec<i32> = control_plane::COMPONENTS.iter().rev().filter_map(|c| procs::running(paths, c)).collect();
     cp.extend(procs::pids_mentioning(&needle));
-    procs::stop_all(&cp, Duration::from_secs(10));
+    stuck.extend(procs::stop_all(&cp, Duration::from_secs(10)));
+    // Only once every process is gone (its ports free), so an `up` right after meets none.
+    if !stuck.is_empty() {
+        let names: Vec<String> = stuck.iter().map(|&p| procs::describe(p)).collect();
+        bail!(
+            "these lab processes did not exit even after SIGKILL: {}; see 'cat /proc/PID/stack', then run 'ferrolb-lab down' again",
+            names.join(", ")
+        );
+    }
 
     for ns in netns::lab_namespaces() {
         let _ = netns::delete_netns(&ns);

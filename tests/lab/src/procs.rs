@@ -77,26 +77,54 @@ pub fn died(paths: &Paths, name: &str) -> anyhow::Error {
     anyhow::anyhow!("{name} exited; last lines of {}:\n{}", paths.log(name).display(), tail.join("\n"))
 }
 
-/// Sends TERM to each pid (and its process group), waits up to `grace`, then KILLs what is left.
-pub fn stop_all(pids: &[i32], grace: Duration) {
+/// Whether a process is gone for good: no such pid, or a zombie all of whose threads have
+/// exited. A thread-group leader turns zombie before its other threads are done exiting, and
+/// until they are, the process still holds its files and ports (a Go program such as etcd or
+/// kube-apiserver spends a while there): [`alive`] calls that dead, this does not.
+pub fn gone(pid: i32) -> bool {
+    if kill(Pid::from_raw(pid), None).is_err() {
+        return true;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let zombie = stat.rsplit(')').next().map(str::trim_start).is_some_and(|r| r.starts_with('Z'));
+    zombie && std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count() <= 1).unwrap_or(true)
+}
+
+/// Sends TERM to each pid (and its process group), waits up to `grace`, then KILLs what is left
+/// and waits for that to be gone too (see [`gone`]). Returns the pids still there after all
+/// that (a process stuck in the kernel), for the caller to report.
+pub fn stop_all(pids: &[i32], grace: Duration) -> Vec<i32> {
     for &pid in pids {
         let _ = kill(Pid::from_raw(-pid), Signal::SIGTERM);
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
     }
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && pids.iter().any(|&p| alive(p)) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_gone(pids, grace);
     for &pid in pids {
-        if alive(pid) {
+        if !gone(pid) {
             let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && pids.iter().any(|&p| alive(p)) {
+    wait_gone(pids, KILL_WAIT);
+    pids.iter().copied().filter(|&p| !gone(p)).collect()
+}
+
+/// How long a KILLed process may take to be gone (freeing a large heap takes a moment).
+const KILL_WAIT: Duration = Duration::from_secs(20);
+
+fn wait_gone(pids: &[i32], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline && pids.iter().any(|&p| !gone(p)) {
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `pid (command)`, for a message about a process.
+pub fn describe(pid: i32) -> String {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    format!("{pid} ({})", comm.trim())
 }
 
 /// Every process whose command line mentions `needle` (the lab's state directory, which
