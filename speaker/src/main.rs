@@ -220,6 +220,8 @@ async fn run(a: RunArgs) -> Result<()> {
                     tracing::warn!(error = %e, "removing the data plane's table");
                 }
             }
+            // Nothing more to do, which is no reason to stop.
+            stopped(stop_rx.clone()).await;
             return Ok(());
         };
         let source = source::SourceSettings {
@@ -239,11 +241,47 @@ async fn run(a: RunArgs) -> Result<()> {
     let announcer =
         ferrolb_speaker::announcer::run(client.clone(), &cluster, settings, metrics, stopped(stop_rx.clone()));
     // Each part is vital: one that ends before SIGTERM ends the process (logged, exit code 1).
-    let mut vital = ferrolb_telemetry::vital::Vital::new();
+    // (The two parts are joined in place rather than added to the set: they borrow the watches.)
+    use ferrolb_telemetry::vital::{Ended, Outcome, Vital, exit};
+    let mut vital = Vital::new();
     vital.spawn("metrics server", server.serve(stopped(stop_rx.clone())));
-    vital.add("announcer", announcer);
-    vital.add("data plane", dp);
-    let ended = vital.run(stopped(stop_rx.clone())).await;
+    let stopping = stop_rx.clone();
+    let injected = |task: &str| {
+        if ferrolb_telemetry::vital::fault_injected(task) {
+            let how = ferrolb_telemetry::vital::How::Panicked(format!(
+                "fault injected by {}",
+                ferrolb_telemetry::vital::FAULT_END_TASK_ENV
+            ));
+            exit(&Ended { task: task.to_string(), how });
+        }
+    };
+    let guard = |task: &str, r: Result<()>| -> Result<()> {
+        if !*stopping.borrow() {
+            let how = match &r {
+                Ok(()) => Ok::<(), String>(()).how(),
+                Err(e) => Err::<(), String>(format!("{e:#}")).how(),
+            };
+            exit(&Ended { task: task.to_string(), how });
+        }
+        r
+    };
+    let parts = async {
+        let (ra, rd) = tokio::join!(
+            async {
+                injected("announcer");
+                guard("announcer", announcer.await)
+            },
+            async {
+                injected("data plane");
+                guard("data plane", dp.await)
+            }
+        );
+        ra.and(rd)
+    };
+    let ended: Result<()> = tokio::select! {
+        r = parts => r,
+        e = vital.next_end() => exit(&e),
+    };
     if let Some(own) = &own_ds
         && own.uninstalling()
     {
@@ -260,7 +298,7 @@ async fn run(a: RunArgs) -> Result<()> {
             Err(e) => tracing::warn!(error = %e, "removing this node's ServiceL2Statuses"),
         }
     }
-    Ok(ended?)
+    ended
 }
 
 /// The speakers' own DaemonSet, watched (by name) from the start: at shutdown it tells an

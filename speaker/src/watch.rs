@@ -46,8 +46,11 @@ where
         let mut stream = pin!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
-                Ok(_) => {
-                    API.reached();
+                Ok(ev) => {
+                    // `Init` only starts a list attempt; anything else came from the API server.
+                    if !matches!(ev, watcher::Event::Init) {
+                        API.reached();
+                    }
                     wake.iter().for_each(|n| n.notify_one())
                 }
                 Err(e) => {

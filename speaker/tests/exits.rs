@@ -13,7 +13,7 @@ fn speaker(metrics_addr: &str, env: &[(&str, &str)]) -> Run {
     let dir = tempfile::tempdir().expect("a temp dir");
     let port = UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free UDP port").port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrolb-speaker"));
-    cmd.args(["run", "--node=exits-test", "--node-ip=127.0.0.1", "--dataplane=off"])
+    cmd.args(["run", "--node=exits-test", "--node-ip=127.0.0.1", "--dataplane=off", "--insecure-membership"])
         .args(["--membership-port", &port.to_string(), "--metrics-addr", metrics_addr])
         .env("KUBECONFIG", unreachable_kubeconfig(dir.path()).expect("a kubeconfig"))
         .env_remove("FERROLB_FAULT_END_TASK")

@@ -297,8 +297,14 @@ pub async fn run(paths: &Paths, o: &Outage) -> Result<OutageOutcome> {
         let pid = procs::running(paths, "kube-apiserver").context("kube-apiserver is not running")?;
         eprintln!("api-outage: stopping kube-apiserver for {:.0} s", o.seconds);
         let stopped = Instant::now();
+        // SIGTERM, as a supervisor stops it; SIGKILL if it lingers in its graceful shutdown.
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        wait_gone(pid, Duration::from_secs(30)).await?;
+        if wait_gone(pid, Duration::from_secs(5)).await.is_err() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            wait_gone(pid, Duration::from_secs(20)).await?;
+        }
+        // Whatever goes wrong from here on, the API server comes back (below).
+        let mut errors: Vec<String> = Vec::new();
         let mut health_checks = 0;
         let mut health_failures = Vec::new();
         let mut api_lost_reported = Vec::new();
@@ -323,9 +329,12 @@ pub async fn run(paths: &Paths, o: &Outage) -> Result<OutageOutcome> {
                 }
             }
             if !written && stopped.elapsed() > Duration::from_secs(5) {
-                etcd_put(&format!("/registry/services/specs/default/{PROBE}"), &service_obj)?;
-                etcd_put(&format!("/registry/endpointslices/default/{PROBE}-1"), &slice_obj)?;
-                eprintln!("api-outage: Service {PROBE} and its EndpointSlice written into etcd");
+                let put = etcd_put(&format!("/registry/services/specs/default/{PROBE}"), &service_obj)
+                    .and_then(|()| etcd_put(&format!("/registry/endpointslices/default/{PROBE}-1"), &slice_obj));
+                match put {
+                    Ok(()) => eprintln!("api-outage: Service {PROBE} and its EndpointSlice written into etcd"),
+                    Err(e) => errors.push(format!("writing the probe Service into etcd: {e:#}")),
+                }
                 written = true;
             }
             if let Some(node) = &o.crash
@@ -333,7 +342,9 @@ pub async fn run(paths: &Paths, o: &Outage) -> Result<OutageOutcome> {
                 && stopped.elapsed() > Duration::from_secs(10)
             {
                 eprintln!("api-outage: crashing {node}");
-                act(paths, &client, Action::Crash, node).await?;
+                if let Err(e) = act(paths, &client, Action::Crash, node).await {
+                    errors.push(format!("crashing {node}: {e:#}"));
+                }
                 crashed_at = Some(now_ms());
             }
             tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -374,6 +385,9 @@ pub async fn run(paths: &Paths, o: &Outage) -> Result<OutageOutcome> {
         let _ = slices.delete(&format!("{PROBE}-1"), &DeleteParams::default()).await;
         if let Some(node) = &o.crash {
             act(paths, &client, Action::Restore, node).await?;
+        }
+        if !errors.is_empty() {
+            bail!("{}", errors.join("; "));
         }
         anyhow::Ok(During {
             health_checks,
