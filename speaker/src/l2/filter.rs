@@ -3,8 +3,8 @@
 //! responder thread nothing.
 //!
 //! ```text
-//!  frame ──> sent by this host? ──yes──> drop
-//!              │ no
+//!  frame ──> to this host, broadcast or multicast? ──no──> drop (sent by us, or to another MAC)
+//!              │ yes
 //!              ├─ ethertype ARP (0x0806), operation request (1) ──────────────────────> keep
 //!              └─ ethertype IPv6 (0x86DD), next header ICMPv6 (58), hop limit 255,
 //!                 ICMPv6 type 135 right after the 40-byte header (a Neighbor Solicitation) ─> keep
@@ -16,7 +16,7 @@
 //! remaining checks. A solicitation behind extension headers is dropped here as the parser
 //! drops it.
 //!
-//! Written by hand: the eleven instructions, and [`accepts`], a user-space interpreter of just
+//! Written by hand: the fifteen instructions, and [`accepts`], a user-space interpreter of just
 //! the instructions used, so that the program is unit-tested without a socket. No maintained crate
 //! assembles classic BPF for `SO_ATTACH_FILTER` (`socket2` only takes the instructions).
 
@@ -38,12 +38,20 @@ const LD_H_ABS: u16 = 0x28;
 const LD_B_ABS: u16 = 0x30;
 /// `BPF_JMP | BPF_JEQ | BPF_K`: jump `jt` if the accumulator equals `k`, else `jf`.
 const JEQ_K: u16 = 0x15;
+/// `BPF_JMP | BPF_JGT | BPF_K`: jump `jt` if the accumulator is greater than `k`, else `jf`.
+const JGT_K: u16 = 0x25;
 /// `BPF_RET | BPF_K`: keep `k` bytes of the frame (0: drop it).
 const RET_K: u16 = 0x06;
 
 /// `SKF_AD_OFF + SKF_AD_PKTTYPE`: loads the frame's packet type (an ancillary field) instead of
 /// frame bytes.
 const PKTTYPE: u32 = (-0x1000_i32 + 4) as u32;
+/// `PACKET_MULTICAST`: the last of the packet types kept (`PACKET_HOST` 0, `PACKET_BROADCAST` 1,
+/// `PACKET_MULTICAST` 2). Above it: `PACKET_OTHERHOST` (to another MAC, as a non-promiscuous
+/// socket should not see) and `PACKET_OUTGOING` (this host's own frames on their way out).
+const PACKET_MULTICAST: u32 = 2;
+/// `PACKET_OTHERHOST`: a frame to another host's MAC.
+pub const PACKET_OTHERHOST: u32 = 3;
 /// `PACKET_OUTGOING`: a frame this host sends, seen by an `ETH_P_ALL` socket on its way out.
 pub const PACKET_OUTGOING: u32 = 4;
 /// How much of a kept frame to copy: all of it (frames here are at most a jumbo MTU).
@@ -70,7 +78,7 @@ pub const PROGRAM: [Insn; 15] = {
     }
     [
         /* 0 */ insn(LD_W_ABS, 0, 0, PKTTYPE),
-        /* 1 */ insn(JEQ_K, to(1, DROP_AT), 0, PACKET_OUTGOING),
+        /* 1 */ insn(JGT_K, to(1, DROP_AT), 0, PACKET_MULTICAST),
         /* 2 */ insn(LD_H_ABS, 0, 0, ETHERTYPE),
         /* 3 */ insn(JEQ_K, 0, to(3, 6), 0x0806),
         /* 4 */ insn(LD_H_ABS, 0, 0, ARP_OPERATION),
@@ -92,8 +100,8 @@ pub fn socket_filter() -> Vec<socket2::SockFilter> {
     PROGRAM.iter().map(|i| socket2::SockFilter::new(i.code, i.jt, i.jf, i.k)).collect()
 }
 
-/// Whether the kernel would copy `frame` (of packet type `pkttype`, e.g. 0 for a frame to this
-/// host, 1 broadcast, [`PACKET_OUTGOING`]) to the socket: [`PROGRAM`] interpreted as the kernel
+/// Whether the kernel would copy `frame` (of packet type `pkttype`: 0 for a frame to this host,
+/// 1 broadcast, 2 multicast, [`PACKET_OTHERHOST`], [`PACKET_OUTGOING`]) to the socket: [`PROGRAM`] interpreted as the kernel
 /// does, for tests. A load past the end of the frame drops it, as in the kernel.
 pub fn accepts(frame: &[u8], pkttype: u32) -> bool {
     let mut a: u32 = 0;
@@ -122,6 +130,7 @@ pub fn accepts(frame: &[u8], pkttype: u32) -> bool {
                 }
             }
             JEQ_K => pc += usize::from(if a == i.k { i.jt } else { i.jf }),
+            JGT_K => pc += usize::from(if a > i.k { i.jt } else { i.jf }),
             RET_K => return i.k != 0,
             _ => return false,
         }
@@ -143,7 +152,7 @@ mod tests {
     #[test]
     fn every_jump_lands_inside_the_program_and_it_ends_in_returns() {
         for (at, i) in PROGRAM.iter().enumerate() {
-            if i.code == JEQ_K {
+            if i.code == JEQ_K || i.code == JGT_K {
                 assert!(at + 1 + usize::from(i.jt.max(i.jf)) < PROGRAM.len(), "instruction {at}");
             }
         }
@@ -167,7 +176,9 @@ mod tests {
         let mine = MacAddr(0x02, 0, 0, 0, 0, 0x11);
         let [gratuitous_request, gratuitous_reply] = arp::gratuitous(mine, LB);
         assert!(!accepts(&gratuitous_reply, 1), "an ARP reply");
+        assert!(accepts(&gratuitous_request, 1));
         assert!(!accepts(&gratuitous_request, PACKET_OUTGOING), "our own frames on their way out");
+        assert!(!accepts(&gratuitous_request, PACKET_OTHERHOST), "frames to another MAC");
         assert!(!accepts(&ndp::unsolicited(mine, LB6), 2), "an advertisement");
         let mut udp = vec![0u8; 1514];
         udp[12..14].copy_from_slice(&[0x08, 0x00]);
