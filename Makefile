@@ -42,6 +42,7 @@ test: deps k8s-bins lint build
 	$(CARGO) test -p ferrolb-e2e --test lab
 	$(CARGO) test -p ferrolb-e2e --test controller
 	$(CARGO) test -p ferrolb-e2e --test speaker
+	$(CARGO) test -p ferrolb-e2e --test l2flood
 	$(CARGO) test -p ferrolb-e2e --test dataplane
 	$(CARGO) test -p ferrolb-e2e --test addresses
 	$(CARGO) test -p ferrolb-e2e --test bounded

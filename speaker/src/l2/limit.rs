@@ -53,7 +53,19 @@ impl Default for RateLimit {
     }
 }
 
+/// The environment variable that sets [`RATE`] (the burst is twice it), for benchmarks that
+/// ask faster than any real client.
+pub const RATE_ENV: &str = "FERROLB_L2_ANSWER_RATE";
+
 impl RateLimit {
+    /// The default limits, with the rate from [`RATE_ENV`] if it holds a positive number.
+    pub fn from_env() -> Self {
+        match std::env::var(RATE_ENV).ok().and_then(|v| v.parse::<f64>().ok()).filter(|r| r.is_finite() && *r > 0.0) {
+            Some(rate) => RateLimit::new(rate, 2.0 * rate, CAPACITY),
+            None => RateLimit::default(),
+        }
+    }
+
     /// `rate` tokens a second up to `burst`, for at most `capacity` sources (at least 2).
     pub fn new(rate: f64, burst: f64, capacity: usize) -> Self {
         let half = (capacity / 2).max(1);

@@ -182,7 +182,7 @@ impl Responder {
         let (t_table, t_tx, t_stop, t_events, t_read) =
             (table.clone(), tx.clone(), stop.clone(), events.clone(), frames_read.clone());
         let thread = std::thread::Builder::new().name(format!("l2-{}", iface.name)).spawn(move || {
-            let mut limit = RateLimit::default();
+            let mut limit = RateLimit::from_env();
             while !t_stop.load(Ordering::Relaxed) {
                 let frame = match rx.next() {
                     Ok(f) => f,
