@@ -69,9 +69,12 @@ bench-dataplane: deps k8s-bins
 	$(CARGO) bench -p ferrolb-e2e --bench dataplane
 
 ## fuzz: the data plane property test against real nftables with many more cases (FERROLB_FUZZ_CASES, default 100,000); prints the count and every class of refusal found.
+## Then the ARP and NDP decoders, FERROLB_FUZZ_L2_INPUTS inputs each (default 10,000,000); prints inputs/s.
 FERROLB_FUZZ_CASES ?= 100000
+FERROLB_FUZZ_L2_INPUTS ?= 10000000
 fuzz: deps
 	FERROLB_FUZZ_CASES=$(FERROLB_FUZZ_CASES) $(CARGO) test --release -p ferrolb-speaker --test render_props -- --nocapture
+	FERROLB_FUZZ_L2_INPUTS=$(FERROLB_FUZZ_L2_INPUTS) $(CARGO) test --release -p ferrolb-speaker --test l2_fuzz -- --nocapture
 
 ## churn: the tenant lab suite with its Service patched every second for 10 minutes (kernel objects and memory printed).
 churn: deps k8s-bins build
