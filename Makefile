@@ -42,6 +42,7 @@ test: deps k8s-bins lint build
 	$(CARGO) test -p ferrolb-e2e --test lab
 	$(CARGO) test -p ferrolb-e2e --test controller
 	$(CARGO) test -p ferrolb-e2e --test speaker
+	$(CARGO) test -p ferrolb-e2e --test l2flood
 	$(CARGO) test -p ferrolb-e2e --test dataplane
 	$(CARGO) test -p ferrolb-e2e --test addresses
 	$(CARGO) test -p ferrolb-e2e --test bounded
@@ -69,12 +70,15 @@ bench-dataplane: deps k8s-bins
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p ferrolb-e2e --bench dataplane
 
-## fuzz: the data plane property test against real nftables with many more cases (FERROLB_FUZZ_CASES, default 100,000); prints the count and every class of refusal found; then the membership decoder with FERROLB_MEMBERSHIP_FUZZ_CASES inputs (default 10,000,000).
+## fuzz: the data plane property test against real nftables with many more cases (FERROLB_FUZZ_CASES, default 100,000); prints the count and every class of refusal found.
+## Then the membership's receive path (FERROLB_MEMBERSHIP_FUZZ_CASES inputs) and the ARP and NDP decoders (FERROLB_FUZZ_L2_INPUTS inputs each), 10,000,000 by default; prints inputs/s.
 FERROLB_FUZZ_CASES ?= 100000
 FERROLB_MEMBERSHIP_FUZZ_CASES ?= 10000000
+FERROLB_FUZZ_L2_INPUTS ?= 10000000
 fuzz: deps
 	FERROLB_FUZZ_CASES=$(FERROLB_FUZZ_CASES) $(CARGO) test --release -p ferrolb-speaker --test render_props -- --nocapture
 	FERROLB_MEMBERSHIP_FUZZ_CASES=$(FERROLB_MEMBERSHIP_FUZZ_CASES) $(CARGO) test --release -p ferrolb-speaker --test membership_fuzz -- --nocapture
+	FERROLB_FUZZ_L2_INPUTS=$(FERROLB_FUZZ_L2_INPUTS) $(CARGO) test --release -p ferrolb-speaker --test l2_fuzz -- --nocapture
 
 ## churn: the tenant lab suite with its Service patched every second for 10 minutes (kernel objects and memory printed).
 churn: deps k8s-bins build

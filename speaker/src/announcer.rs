@@ -199,14 +199,14 @@ fn handovers(
 }
 
 /// Which of this node's interfaces answer for `a`: those the advertisements name, else those
-/// whose subnet holds the address, else every usable one.
+/// whose subnet holds the address, else the usable ones that face the LAN (`l2::links`).
 fn interfaces_for(a: &Announcement, usable: &[pnet_datalink::NetworkInterface]) -> Vec<String> {
     if !a.interfaces.is_empty() {
         return usable.iter().filter(|i| a.interfaces.contains(&i.name)).map(|i| i.name.clone()).collect();
     }
     let on_subnet: Vec<String> =
         usable.iter().filter(|i| i.ips.iter().any(|n| n.contains(a.ip))).map(|i| i.name.clone()).collect();
-    if on_subnet.is_empty() { usable.iter().map(|i| i.name.clone()).collect() } else { on_subnet }
+    if on_subnet.is_empty() { crate::l2::links::fall_back(usable.iter().map(|i| i.name.as_str())) } else { on_subnet }
 }
 
 /// Runs until `shutdown`; then leaves the membership first, so peers take over at once.

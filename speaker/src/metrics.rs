@@ -26,7 +26,7 @@ pub struct AnnouncedLabel {
     pub ip: String,
 }
 
-/// The `reason` a membership packet was dropped for (`membership::Reject::label`).
+/// Why a membership packet (`membership::Reject::label`) or an ARP/NDP request was dropped.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
@@ -46,6 +46,8 @@ pub struct Metrics {
     pub requests: Family<IpLabel, Counter>,
     pub responses: Family<IpLabel, Counter>,
     pub gratuitous: Family<IpLabel, Counter>,
+    /// Requests for our addresses left unanswered, by reason (invalid sender, rate limited).
+    pub dropped: Family<ReasonLabel, Counter>,
     pub announced: Family<AnnouncedLabel, Gauge>,
     /// Seconds from the change that made this node the announcer (a peer declared dead, a node
     /// cordoned, …, as this speaker saw it) to its first gratuitous packet.
@@ -65,11 +67,17 @@ impl Default for Metrics {
         let requests = Family::<IpLabel, Counter>::default();
         let responses = Family::<IpLabel, Counter>::default();
         let gratuitous = Family::<IpLabel, Counter>::default();
+        let dropped = Family::<ReasonLabel, Counter>::default();
         let announced = Family::<AnnouncedLabel, Gauge>::default();
         let takeover = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
         registry.register("l2_requests_received", "ARP/NDP requests for addresses we announce", requests.clone());
         registry.register("l2_responses_sent", "ARP/NDP answers sent", responses.clone());
         registry.register("l2_gratuitous_sent", "Gratuitous ARP / unsolicited NA sent", gratuitous.clone());
+        registry.register(
+            "l2_dropped_requests",
+            "ARP/NDP requests for addresses we announce left unanswered, by reason",
+            dropped.clone(),
+        );
         registry.register("speaker_announced", "1 for each address this node announces", announced.clone());
         registry.register(
             "speaker_api_reachable",
@@ -93,6 +101,7 @@ impl Default for Metrics {
             requests,
             responses,
             gratuitous,
+            dropped,
             announced,
             takeover,
             ready: AtomicBool::new(false),
@@ -120,6 +129,10 @@ impl Metrics {
             L2Event::Request(ip) => (&self.requests, ip),
             L2Event::Response(ip) => (&self.responses, ip),
             L2Event::Gratuitous(ip) => (&self.gratuitous, ip),
+            L2Event::Dropped(_, reason) => {
+                self.dropped.get_or_create(&ReasonLabel { reason: reason.label() }).inc();
+                return;
+            }
         };
         family.get_or_create(&IpLabel { ip: ip.to_string() }).inc();
     }

@@ -181,3 +181,68 @@ fn taking_an_address_updates_the_clients_neighbour_cache() {
         assert!(neigh.contains(&mac), "after the gratuitous announcement the client has: {neigh}");
     }
 }
+
+/// Runs `f` on a thread of its own inside namespace `ns` (threads it starts stay there too).
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("entering the namespace");
+        f()
+    })
+    .join()
+    .expect("the thread in the namespace")
+}
+
+/// UDP datagrams of 1,000 bytes from `ns` to each of `to`, `count` rounds.
+fn udp_flood(ns: &str, to: &'static [&'static str], count: usize) -> usize {
+    in_netns(ns, move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+        socket.set_broadcast(true).expect("SO_BROADCAST");
+        let payload = [0x5au8; 1000];
+        let mut sent = 0;
+        for _ in 0..count {
+            for dst in to {
+                sent += usize::from(socket.send_to(&payload, dst).is_ok());
+            }
+        }
+        sent
+    })
+}
+
+#[test]
+fn the_raw_socket_reads_only_requests_while_other_traffic_floods_the_link() {
+    use ferrolb_speaker::l2::responder::{Announced, Responder};
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    let net = Net::new("flbt-bpf");
+    let cli = net.ns("cli");
+    // The client resolves the speaker's own address first, so the flood is unicast UDP.
+    udp_flood(&cli, &["192.0.2.11:9"], 1);
+    std::thread::sleep(Duration::from_millis(300));
+    // A flood already running when the socket opens: nothing of it may slip in before the filter.
+    let flood_cli = cli.clone();
+    let early = std::thread::spawn(move || udp_flood(&flood_cli, &["192.0.2.11:9"], 5000));
+    let responder = in_netns(&net.ns("spk"), || {
+        let iface = ferrolb_speaker::l2::responder::usable_interfaces()
+            .into_iter()
+            .find(|i| i.name == "eth0")
+            .expect("eth0 in the speaker's namespace");
+        let r = Responder::start(&iface, Arc::new(|_| {})).expect("opening the raw socket");
+        let mut want = Announced::default();
+        want.insert(IpAddr::V4("192.0.2.200".parse().expect("an address")));
+        r.set(&want);
+        r
+    });
+    let sent = early.join().expect("the early flood")
+        + udp_flood(&cli, &["192.0.2.11:9", "192.0.2.255:9", "192.0.2.12:9", "224.0.0.251:5353"], 5000);
+    let mac = net.mac("eth0");
+    let got = replies(&net.arping("cli", "192.0.2.200", "3"));
+    assert_eq!(got, vec![mac; 3], "3 requests, 3 answers, through the flood");
+    let read = responder.frames_read();
+    println!("{sent} datagrams sent at the speaker's link; its raw socket read {read} frames");
+    assert!(sent >= 20_000, "the flood sent only {sent} datagrams");
+    // The three who-has, the client's own ARP and its IPv6 neighbour discovery: a handful.
+    assert!((3..50).contains(&read), "the raw socket read {read} frames of {sent} sent");
+}

@@ -160,7 +160,11 @@ fn in_lab(lab: &Lab, rows: &mut Vec<(String, String)>) -> Result<()> {
     lab.kubectl(&["apply", "-f", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/demo/hostname.yaml")])?;
     lab.kubectl(&["rollout", "status", "deployment/hostname", "--timeout=60s"])?;
     let _ctl = Controller::start("bench", 17475, &[])?;
-    let mut speakers: Vec<Speaker> = (1..=3).map(Speaker::start).collect::<Result<_>>()?;
+    // The probe asks 200 and 1000 times a second from one MAC, beyond the per-asker answer rate
+    // a speaker allows by default (50/s): raised here so every request is answered and timed.
+    let answer_rate = [("FERROLB_L2_ANSWER_RATE", "5000")];
+    let mut speakers: Vec<Speaker> =
+        (1..=3).map(|i| Speaker::start_with_env(i, &answer_rate)).collect::<Result<_>>()?;
     lab.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: LoadBalancer\n  selector: {app: webserver}\n  ports: [{port: 80, targetPort: 80}]\n")?;
     let ip = web_ip(lab)?;
     let macs = node_macs()?;

@@ -25,6 +25,8 @@ pub const FRAME_LEN: usize = ETHERNET_HEADER + ARP_PACKET;
 /// The fields of a who-has request worth counting or logging.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ArpRequest {
+    /// The frame's Ethernet source.
+    pub eth_source: MacAddr,
     /// Who asks: the reply goes to this MAC.
     pub sender_mac: MacAddr,
     /// The asker's IPv4 address; `0.0.0.0` for an RFC 5227 probe.
@@ -48,18 +50,27 @@ pub fn parse_request(frame: &[u8]) -> Option<ArpRequest> {
         && arp.get_proto_addr_len() == 4
         && arp.get_operation() == ArpOperations::Request;
     valid.then(|| ArpRequest {
+        eth_source: eth.get_source(),
         sender_mac: arp.get_sender_hw_addr(),
         sender_ip: arp.get_sender_proto_addr(),
         target_ip: arp.get_target_proto_addr(),
     })
 }
 
-/// The ARP reply to send for `frame`, if it is a request for an address `announced` says this
-/// node announces. A request from `my_mac` itself (our own gratuitous request looping back) gets
-/// no answer.
+impl ArpRequest {
+    /// Whether the asker is a single host: the Ethernet source and the sender hardware address
+    /// are both unicast and not zero. An answer to anything else would go to a group, or nowhere.
+    pub fn valid_sender(&self) -> bool {
+        super::is_unicast(self.eth_source) && super::is_unicast(self.sender_mac)
+    }
+}
+
+/// The ARP reply to send for `frame`, if it is a request from a valid sender
+/// ([`ArpRequest::valid_sender`]) for an address `announced` says this node announces. A request
+/// from `my_mac` itself (our own gratuitous request looping back) gets no answer.
 pub fn reply(frame: &[u8], my_mac: MacAddr, announced: impl Fn(Ipv4Addr) -> bool) -> Option<Vec<u8>> {
     let request = parse_request(frame)?;
-    if request.sender_mac == my_mac || !announced(request.target_ip) {
+    if request.sender_mac == my_mac || !request.valid_sender() || !announced(request.target_ip) {
         return None;
     }
     Some(build(
@@ -163,7 +174,7 @@ mod tests {
     fn parses_a_request() {
         assert_eq!(
             parse_request(&request(LB_IP)),
-            Some(ArpRequest { sender_mac: CLIENT, sender_ip: CLIENT_IP, target_ip: LB_IP })
+            Some(ArpRequest { eth_source: CLIENT, sender_mac: CLIENT, sender_ip: CLIENT_IP, target_ip: LB_IP })
         );
     }
 
@@ -220,6 +231,28 @@ mod tests {
         let mut not_arp = request(LB_IP);
         MutableEthernetPacket::new(&mut not_arp).unwrap().set_ethertype(EtherType::new(0x0800));
         assert_eq!(reply(&not_arp, MINE, only_lb), None);
+    }
+
+    #[test]
+    fn no_reply_to_group_or_zero_senders() {
+        let group = MacAddr(0x01, 0, 0x5e, 0, 0, 1);
+        let cases = [
+            ("broadcast sender", with_arp(|arp| arp.set_sender_hw_addr(MacAddr::broadcast()))),
+            ("multicast sender", with_arp(|arp| arp.set_sender_hw_addr(group))),
+            ("zero sender", with_arp(|arp| arp.set_sender_hw_addr(MacAddr::zero()))),
+        ];
+        let mut eth_group = request(LB_IP);
+        MutableEthernetPacket::new(&mut eth_group).unwrap().set_source(group);
+        let mut eth_zero = request(LB_IP);
+        MutableEthernetPacket::new(&mut eth_zero).unwrap().set_source(MacAddr::zero());
+        for (what, frame) in
+            cases.iter().chain(&[("multicast Ethernet source", eth_group), ("zero Ethernet source", eth_zero)])
+        {
+            let parsed = parse_request(frame).unwrap();
+            assert!(!parsed.valid_sender(), "{what}");
+            assert_eq!(reply(frame, MINE, only_lb), None, "{what}");
+        }
+        assert!(parse_request(&request(LB_IP)).unwrap().valid_sender());
     }
 
     #[test]

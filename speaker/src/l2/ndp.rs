@@ -23,7 +23,8 @@ use pnet_base::MacAddr;
 use pnet_packet::Packet;
 use pnet_packet::ethernet::{EtherTypes, EthernetPacket, MutableEthernetPacket};
 use pnet_packet::icmpv6::ndp::{
-    Icmpv6Codes, MutableNeighborAdvertPacket, NdpOption, NdpOptionTypes, NeighborAdvertFlags, NeighborSolicitPacket,
+    Icmpv6Codes, MutableNeighborAdvertPacket, MutableNeighborSolicitPacket, NdpOption, NdpOptionTypes,
+    NeighborAdvertFlags, NeighborSolicitPacket,
 };
 use pnet_packet::icmpv6::{self, Icmpv6Packet, Icmpv6Types, MutableIcmpv6Packet};
 use pnet_packet::ip::IpNextHeaderProtocols;
@@ -62,6 +63,17 @@ impl NeighborSolicitation {
     /// nobody has it.
     pub fn is_dad(&self) -> bool {
         self.source.is_unspecified()
+    }
+
+    /// The MAC the answer is for: the source link-layer option, else the Ethernet source.
+    pub fn asker(&self) -> MacAddr {
+        self.source_link_addr.unwrap_or(self.eth_source)
+    }
+
+    /// Whether the asker is a single host: the Ethernet source and any source link-layer option
+    /// are unicast and not zero.
+    pub fn valid_sender(&self) -> bool {
+        super::is_unicast(self.eth_source) && self.source_link_addr.is_none_or(super::is_unicast)
     }
 }
 
@@ -138,23 +150,23 @@ fn source_link_addr(mut options: &[u8]) -> Option<Option<MacAddr>> {
     options.is_empty().then_some(found)
 }
 
-/// The Neighbor Advertisement to send for `frame`, if it is a valid solicitation for an address
-/// `announced` says this node announces. A solicitation from `my_mac` itself (our own, looping
-/// back) gets no answer.
+/// The Neighbor Advertisement to send for `frame`, if it is a valid solicitation from a valid
+/// sender ([`NeighborSolicitation::valid_sender`]) for an address `announced` says this node
+/// announces. A solicitation from `my_mac` itself (our own, looping back) gets no answer.
 ///
 /// To DAD (source `::`) the answer goes to all nodes with Solicited clear (RFC 4861 §7.2.4), so
 /// the node probing learns the address is taken; otherwise to the solicitor, at the MAC its source
 /// link-layer option gives, else the frame's Ethernet source.
 pub fn reply(frame: &[u8], my_mac: MacAddr, announced: impl Fn(Ipv6Addr) -> bool) -> Option<Vec<u8>> {
     let ns = parse_solicitation(frame)?;
-    if ns.eth_source == my_mac || !announced(ns.target) {
+    if ns.eth_source == my_mac || !ns.valid_sender() || !announced(ns.target) {
         return None;
     }
     Some(if ns.is_dad() {
         advertisement(multicast_mac(ALL_NODES), my_mac, ALL_NODES, ns.target, NeighborAdvertFlags::Override)
     } else {
         advertisement(
-            ns.source_link_addr.unwrap_or(ns.eth_source),
+            ns.asker(),
             my_mac,
             ns.source,
             ns.target,
@@ -167,6 +179,56 @@ pub fn reply(frame: &[u8], my_mac: MacAddr, announced: impl Fn(Ipv6Addr) -> bool
 /// every neighbour replaces the old announcer's MAC, Solicited clear (RFC 4861 §7.2.6).
 pub fn unsolicited(my_mac: MacAddr, ip: Ipv6Addr) -> Vec<u8> {
     advertisement(multicast_mac(ALL_NODES), my_mac, ALL_NODES, ip, NeighborAdvertFlags::Override)
+}
+
+/// A Neighbor Solicitation for `target` from `my_ip`, to the target's solicited-node group, with a
+/// source link-layer address option holding `my_mac`, as a client sends it (for probes and tests).
+pub fn solicitation(my_mac: MacAddr, my_ip: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+    let destination = solicited_node(target);
+    let mut frame = vec![0u8; FRAME_LEN];
+    let (eth_bytes, rest) = frame.split_at_mut(ETHERNET_HEADER);
+    let (ip_bytes, message) = rest.split_at_mut(IPV6_HEADER);
+    // Every buffer is sized for its header above, so pnet accepts them all.
+    if let Some(mut ns) = MutableNeighborSolicitPacket::new(message) {
+        ns.set_icmpv6_type(Icmpv6Types::NeighborSolicit);
+        ns.set_icmpv6_code(Icmpv6Codes::NoCode);
+        ns.set_target_addr(target);
+        ns.set_options(&[NdpOption {
+            option_type: NdpOptionTypes::SourceLLAddr,
+            length: 1,
+            data: my_mac.octets().to_vec(),
+        }]);
+    }
+    finish(eth_bytes, ip_bytes, message, (my_mac, multicast_mac(destination)), (my_ip, destination));
+    frame
+}
+
+/// Fills in the checksum of `message` (an ICMPv6 message of `ND_MESSAGE + LINK_ADDR_OPTION`
+/// bytes) and the IPv6 and Ethernet headers around it.
+fn finish(
+    eth_bytes: &mut [u8],
+    ip_bytes: &mut [u8],
+    message: &mut [u8],
+    (eth_src, eth_dst): (MacAddr, MacAddr),
+    (source, destination): (Ipv6Addr, Ipv6Addr),
+) {
+    let checksum = Icmpv6Packet::new(message).map(|icmp| icmpv6::checksum(&icmp, &source, &destination));
+    if let (Some(mut icmp), Some(checksum)) = (MutableIcmpv6Packet::new(message), checksum) {
+        icmp.set_checksum(checksum);
+    }
+    if let Some(mut ip) = MutableIpv6Packet::new(ip_bytes) {
+        ip.set_version(6);
+        ip.set_payload_length((ND_MESSAGE + LINK_ADDR_OPTION) as u16);
+        ip.set_next_header(IpNextHeaderProtocols::Icmpv6);
+        ip.set_hop_limit(HOP_LIMIT);
+        ip.set_source(source);
+        ip.set_destination(destination);
+    }
+    if let Some(mut eth) = MutableEthernetPacket::new(eth_bytes) {
+        eth.set_destination(eth_dst);
+        eth.set_source(eth_src);
+        eth.set_ethertype(EtherTypes::Ipv6);
+    }
 }
 
 /// An Ethernet frame from `my_mac` carrying an NA from `target` to `destination`, with a target
@@ -187,23 +249,7 @@ fn advertisement(eth_dst: MacAddr, my_mac: MacAddr, destination: Ipv6Addr, targe
             data: my_mac.octets().to_vec(),
         }]);
     }
-    let checksum = Icmpv6Packet::new(message).map(|icmp| icmpv6::checksum(&icmp, &target, &destination));
-    if let (Some(mut icmp), Some(checksum)) = (MutableIcmpv6Packet::new(message), checksum) {
-        icmp.set_checksum(checksum);
-    }
-    if let Some(mut ip) = MutableIpv6Packet::new(ip_bytes) {
-        ip.set_version(6);
-        ip.set_payload_length((ND_MESSAGE + LINK_ADDR_OPTION) as u16);
-        ip.set_next_header(IpNextHeaderProtocols::Icmpv6);
-        ip.set_hop_limit(HOP_LIMIT);
-        ip.set_source(target);
-        ip.set_destination(destination);
-    }
-    if let Some(mut eth) = MutableEthernetPacket::new(eth_bytes) {
-        eth.set_destination(eth_dst);
-        eth.set_source(my_mac);
-        eth.set_ethertype(EtherTypes::Ipv6);
-    }
+    finish(eth_bytes, ip_bytes, message, (my_mac, eth_dst), (target, destination));
     frame
 }
 
@@ -211,7 +257,7 @@ fn advertisement(eth_dst: MacAddr, my_mac: MacAddr, destination: Ipv6Addr, targe
 mod tests {
     use super::*;
     use pnet_packet::icmpv6::Icmpv6Code;
-    use pnet_packet::icmpv6::ndp::{MutableNeighborSolicitPacket, NeighborAdvertPacket};
+    use pnet_packet::icmpv6::ndp::NeighborAdvertPacket;
     use proptest::prelude::*;
 
     const MINE: MacAddr = MacAddr(0x02, 0, 0, 0, 0, 0x11);
@@ -445,6 +491,50 @@ mod tests {
             assert_eq!(parse_solicitation(frame), None, "{what}");
             assert_eq!(reply(frame, MINE, |_| true), None, "{what}");
         }
+    }
+
+    #[test]
+    fn no_answer_to_group_or_zero_senders() {
+        let group = MacAddr(0x33, 0x33, 0, 0, 0, 1);
+        let option = |m: MacAddr| {
+            let o = m.octets();
+            vec![1, 1, o[0], o[1], o[2], o[3], o[4], o[5]]
+        };
+        let mut cases = vec![
+            ("multicast option", Ns { options: option(group), ..Ns::new() }.build()),
+            ("broadcast option", Ns { options: option(MacAddr::broadcast()), ..Ns::new() }.build()),
+            ("zero option", Ns { options: option(MacAddr::zero()), ..Ns::new() }.build()),
+        ];
+        for (what, mac) in [("multicast Ethernet source", group), ("zero Ethernet source", MacAddr::zero())] {
+            for ns in [Ns::new(), Ns::dad()] {
+                let mut frame = ns.build();
+                MutableEthernetPacket::new(&mut frame).unwrap().set_source(mac);
+                cases.push((what, frame));
+            }
+        }
+        for (what, frame) in &cases {
+            assert!(!parse_solicitation(frame).unwrap().valid_sender(), "{what}");
+            assert_eq!(reply(frame, MINE, only_lb), None, "{what}");
+        }
+        assert!(parse_solicitation(&Ns::new().build()).unwrap().valid_sender());
+        assert!(parse_solicitation(&Ns::dad().build()).unwrap().valid_sender());
+    }
+
+    #[test]
+    fn a_solicitation_as_a_client_sends_it() {
+        let frame = solicitation(CLIENT, CLIENT_IP, LB_IP);
+        assert_eq!(
+            parse_solicitation(&frame),
+            Some(NeighborSolicitation {
+                eth_source: CLIENT,
+                source: CLIENT_IP,
+                destination: solicited_node(LB_IP),
+                target: LB_IP,
+                source_link_addr: Some(CLIENT),
+            })
+        );
+        assert_eq!(EthernetPacket::new(&frame).unwrap().get_destination(), multicast_mac(solicited_node(LB_IP)));
+        assert!(reply(&frame, MINE, only_lb).is_some());
     }
 
     #[test]

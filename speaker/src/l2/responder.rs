@@ -2,22 +2,34 @@
 //! answers ARP requests and Neighbor Solicitations for the addresses this node announces, and
 //! sends gratuitous ARP / unsolicited Neighbor Advertisements when it takes an address.
 //!
-//! The decision "answer this frame, and with what" is `arp::reply` / `ndp::reply` (pure); this
-//! file only moves frames. Reading blocks, so each interface has a thread of its own that
-//! wakes every 100 ms to see whether it should stop; it never blocks the async runtime.
+//! ```text
+//!  link ──> kernel: BPF filter (l2::filter) ──> only ARP requests and NS ──> thread per interface
+//!            (not promiscuous)                                                  │
+//!                 verdict (pure): ours? valid sender? within the asker's rate (l2::limit)?
+//!                                                     │ answer           │ drop (counted)
+//!                                                     └──> send          └──> L2Event::Dropped
+//! ```
+//!
+//! The decision "answer this frame, and with what" is [`verdict`] over `arp::reply` /
+//! `ndp::reply` (pure); this file otherwise only moves frames. Reading blocks, so each interface
+//! has a thread of its own that wakes every 100 ms to see whether it should stop; it never
+//! blocks the async runtime. The socket is not promiscuous, and its filter keeps every other
+//! frame of the link (a flood of unrelated traffic) in the kernel.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::IntoRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pnet_datalink::MacAddr;
-use pnet_datalink::{Channel, DataLinkSender, NetworkInterface};
+use pnet_datalink::{Channel, DataLinkReceiver, DataLinkSender, NetworkInterface};
 
-use super::{arp, ndp};
+use super::limit::RateLimit;
+use super::{arp, filter, ndp};
 
 /// What happened on the wire, for metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +40,69 @@ pub enum L2Event {
     Response(IpAddr),
     /// We sent a gratuitous ARP / unsolicited NA.
     Gratuitous(IpAddr),
+    /// A request for an address we announce that we did not answer, and why.
+    Dropped(IpAddr, DropReason),
+}
+
+/// Why a request for an announced address got no answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The asker is not one host: a multicast, broadcast or zero Ethernet source, ARP sender or
+    /// NDP source link-layer address.
+    InvalidSender,
+    /// The asker had more answers than its rate allows (`l2::limit`).
+    RateLimited,
+}
+
+impl DropReason {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::InvalidSender => "invalid_sender",
+            DropReason::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// What to do with one frame read from the socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not a request for an address announced here, or our own: nothing, and nothing counted.
+    Ignore,
+    /// Send `frame`, the answer to a request for `ip`.
+    Answer { ip: IpAddr, frame: Vec<u8> },
+    /// A request for `ip` left unanswered.
+    Drop { ip: IpAddr, reason: DropReason },
+}
+
+/// The verdict on `frame` for a responder with `mac` answering for `table`, at `now`; an
+/// answer is taken from its asker's allowance in `limit`.
+pub fn verdict(frame: &[u8], mac: MacAddr, table: &Announced, limit: &mut RateLimit, now: Instant) -> Verdict {
+    let (ip, own, valid, asker) = if let Some(r) = arp::parse_request(frame).filter(|r| table.v4.contains(&r.target_ip))
+    {
+        (IpAddr::V4(r.target_ip), r.sender_mac == mac, r.valid_sender(), r.sender_mac)
+    } else if let Some(s) = ndp::parse_solicitation(frame).filter(|s| table.v6.contains(&s.target)) {
+        (IpAddr::V6(s.target), s.eth_source == mac, s.valid_sender(), s.asker())
+    } else {
+        return Verdict::Ignore;
+    };
+    if own {
+        return Verdict::Ignore;
+    }
+    if !valid {
+        return Verdict::Drop { ip, reason: DropReason::InvalidSender };
+    }
+    if !limit.allow(asker, now) {
+        return Verdict::Drop { ip, reason: DropReason::RateLimited };
+    }
+    let answer = match ip {
+        IpAddr::V4(_) => arp::reply(frame, mac, |a| table.v4.contains(&a)),
+        IpAddr::V6(_) => ndp::reply(frame, mac, |a| table.v6.contains(&a)),
+    };
+    match answer {
+        Some(frame) => Verdict::Answer { ip, frame },
+        None => Verdict::Ignore,
+    }
 }
 
 /// Called for every [`L2Event`], from the responder threads.
@@ -70,22 +145,44 @@ pub struct Responder {
     /// Sockets holding this interface in the solicited-node multicast group of each announced
     /// IPv6 address (the kernel filters multicast frames otherwise).
     groups: Mutex<BTreeMap<Ipv6Addr, socket2::Socket>>,
+    /// Frames the kernel handed to the thread: what the filter let through.
+    frames_read: Arc<AtomicU64>,
+}
+
+/// The raw channel on `iface`: not promiscuous, with the filter of `l2::filter`.
+///
+/// The socket is opened with protocol 0, so it receives nothing until pnet binds it to the
+/// interface (with ETH_P_ALL); the filter is attached before that, so no frame ever reaches user
+/// space unfiltered and there is nothing queued from before to drain.
+fn open(iface: &NetworkInterface) -> io::Result<(Box<dyn DataLinkSender>, Box<dyn DataLinkReceiver>)> {
+    let socket = socket2::Socket::new(socket2::Domain::PACKET, socket2::Type::RAW, None)?;
+    socket.attach_filter(&filter::socket_filter())?;
+    let cfg = pnet_datalink::Config {
+        read_timeout: Some(Duration::from_millis(100)),
+        promiscuous: false,
+        // pnet owns (and closes) the socket from here, also when binding fails.
+        socket_fd: Some(socket.into_raw_fd()),
+        ..Default::default()
+    };
+    match pnet_datalink::channel(iface, cfg)? {
+        Channel::Ethernet(tx, rx) => Ok((tx, rx)),
+        _ => Err(io::Error::other(format!("{}: not an Ethernet channel", iface.name))),
+    }
 }
 
 impl Responder {
     /// Opens the raw channel on `iface` and starts answering for what `set` will say.
     pub fn start(iface: &NetworkInterface, events: EventSink) -> io::Result<Self> {
         let mac = iface.mac.ok_or_else(|| io::Error::other(format!("{} has no MAC address", iface.name)))?;
-        let cfg = pnet_datalink::Config { read_timeout: Some(Duration::from_millis(100)), ..Default::default() };
-        let (tx, mut rx) = match pnet_datalink::channel(iface, cfg)? {
-            Channel::Ethernet(tx, rx) => (tx, rx),
-            _ => return Err(io::Error::other(format!("{}: not an Ethernet channel", iface.name))),
-        };
+        let (tx, mut rx) = open(iface)?;
         let table: Arc<RwLock<Announced>> = Arc::default();
         let tx = Arc::new(Mutex::new(tx));
         let stop = Arc::new(AtomicBool::new(false));
-        let (t_table, t_tx, t_stop, t_events) = (table.clone(), tx.clone(), stop.clone(), events.clone());
+        let frames_read = Arc::new(AtomicU64::new(0));
+        let (t_table, t_tx, t_stop, t_events, t_read) =
+            (table.clone(), tx.clone(), stop.clone(), events.clone(), frames_read.clone());
         let thread = std::thread::Builder::new().name(format!("l2-{}", iface.name)).spawn(move || {
+            let mut limit = RateLimit::from_env();
             while !t_stop.load(Ordering::Relaxed) {
                 let frame = match rx.next() {
                     Ok(f) => f,
@@ -96,22 +193,25 @@ impl Responder {
                         continue;
                     }
                 };
-                let (answer, ip) = {
+                t_read.fetch_add(1, Ordering::Relaxed);
+                let verdict = {
                     let Ok(t) = t_table.read() else { continue };
-                    if let Some(req) = arp::parse_request(frame).filter(|r| t.v4.contains(&r.target_ip)) {
-                        (arp::reply(frame, mac, |ip| t.v4.contains(&ip)), IpAddr::V4(req.target_ip))
-                    } else if let Some(ns) = ndp::parse_solicitation(frame).filter(|s| t.v6.contains(&s.target)) {
-                        (ndp::reply(frame, mac, |ip| t.v6.contains(&ip)), IpAddr::V6(ns.target))
-                    } else {
-                        continue;
-                    }
+                    verdict(frame, mac, &t, &mut limit, Instant::now())
                 };
-                t_events(L2Event::Request(ip));
-                if let Some(a) = answer
-                    && let Ok(mut tx) = t_tx.lock()
-                    && let Some(Ok(())) = tx.send_to(&a, None)
-                {
-                    t_events(L2Event::Response(ip));
+                match verdict {
+                    Verdict::Ignore => {}
+                    Verdict::Drop { ip, reason } => {
+                        t_events(L2Event::Request(ip));
+                        t_events(L2Event::Dropped(ip, reason));
+                    }
+                    Verdict::Answer { ip, frame } => {
+                        t_events(L2Event::Request(ip));
+                        if let Ok(mut tx) = t_tx.lock()
+                            && let Some(Ok(())) = tx.send_to(&frame, None)
+                        {
+                            t_events(L2Event::Response(ip));
+                        }
+                    }
                 }
             }
         })?;
@@ -125,6 +225,7 @@ impl Responder {
             thread: Some(thread),
             events,
             groups: Mutex::new(BTreeMap::new()),
+            frames_read,
         })
     }
 
@@ -171,6 +272,11 @@ impl Responder {
         }
     }
 
+    /// Frames read from the socket so far: only those the filter let through.
+    pub fn frames_read(&self) -> u64 {
+        self.frames_read.load(Ordering::Relaxed)
+    }
+
     /// Whether `ip` is answered here now.
     pub fn answers(&self, ip: IpAddr) -> bool {
         self.table.read().is_ok_and(|t| match ip {
@@ -206,3 +312,75 @@ pub const ANNOUNCE_SCHEDULE: &[Duration] = &[
     Duration::from_secs(2),
     Duration::from_secs(4),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINE: MacAddr = MacAddr(0x02, 0, 0, 0, 0, 0x11);
+    const CLIENT: MacAddr = MacAddr(0x02, 0, 0, 0, 0, 0x64);
+    const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+    const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x100);
+    const LB: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 200);
+    const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0xc8);
+
+    fn table() -> Announced {
+        let mut t = Announced::default();
+        t.insert(IpAddr::V4(LB));
+        t.insert(IpAddr::V6(LB6));
+        t
+    }
+
+    #[test]
+    fn answers_requests_for_announced_addresses_only() {
+        let (mut limit, now) = (RateLimit::default(), Instant::now());
+        let who_has = arp::who_has(CLIENT, CLIENT_IP, LB);
+        assert_eq!(
+            verdict(&who_has, MINE, &table(), &mut limit, now),
+            Verdict::Answer { ip: IpAddr::V4(LB), frame: arp::reply(&who_has, MINE, |_| true).unwrap() }
+        );
+        let ns = ndp::solicitation(CLIENT, CLIENT_IP6, LB6);
+        assert_eq!(
+            verdict(&ns, MINE, &table(), &mut limit, now),
+            Verdict::Answer { ip: IpAddr::V6(LB6), frame: ndp::reply(&ns, MINE, |_| true).unwrap() }
+        );
+        let other = arp::who_has(CLIENT, CLIENT_IP, Ipv4Addr::new(192, 0, 2, 201));
+        assert_eq!(verdict(&other, MINE, &table(), &mut limit, now), Verdict::Ignore);
+        assert_eq!(verdict(&who_has, MINE, &Announced::default(), &mut limit, now), Verdict::Ignore);
+        assert_eq!(verdict(&who_has, CLIENT, &table(), &mut limit, now), Verdict::Ignore, "our own request");
+        assert_eq!(verdict(&[0u8; 3], MINE, &table(), &mut limit, now), Verdict::Ignore);
+    }
+
+    #[test]
+    fn group_senders_are_dropped_and_counted_as_such() {
+        let (mut limit, now) = (RateLimit::default(), Instant::now());
+        for sender in [MacAddr::broadcast(), MacAddr(0x01, 0, 0x5e, 0, 0, 1), MacAddr::zero()] {
+            let ip = IpAddr::V4(LB);
+            let frame = arp::who_has(sender, CLIENT_IP, LB);
+            let want = Verdict::Drop { ip, reason: DropReason::InvalidSender };
+            assert_eq!(verdict(&frame, MINE, &table(), &mut limit, now), want, "{sender}");
+            let frame = ndp::solicitation(sender, CLIENT_IP6, LB6);
+            let want = Verdict::Drop { ip: IpAddr::V6(LB6), reason: DropReason::InvalidSender };
+            assert_eq!(verdict(&frame, MINE, &table(), &mut limit, now), want, "{sender}");
+        }
+        assert!(limit.is_empty(), "invalid senders take no place in the rate table");
+    }
+
+    #[test]
+    fn a_flooding_asker_is_limited_and_others_are_not() {
+        let (mut limit, now) = (RateLimit::default(), Instant::now());
+        let flood = arp::who_has(CLIENT, CLIENT_IP, LB);
+        let verdicts: Vec<Verdict> = (0..5000).map(|_| verdict(&flood, MINE, &table(), &mut limit, now)).collect();
+        let answered = verdicts.iter().filter(|v| matches!(v, Verdict::Answer { .. })).count();
+        assert_eq!(answered, super::super::limit::BURST as usize);
+        assert!(
+            verdicts[answered..]
+                .iter()
+                .all(|v| *v == Verdict::Drop { ip: IpAddr::V4(LB), reason: DropReason::RateLimited })
+        );
+        let other = arp::who_has(MacAddr(0x02, 0, 0, 0, 0, 0x65), CLIENT_IP, LB);
+        assert!(matches!(verdict(&other, MINE, &table(), &mut limit, now), Verdict::Answer { .. }));
+        let later = now + Duration::from_secs(1);
+        assert!(matches!(verdict(&flood, MINE, &table(), &mut limit, later), Verdict::Answer { .. }));
+    }
+}

@@ -18,6 +18,7 @@
 pub mod agent;
 pub mod arp_probe;
 pub mod bins;
+pub mod blast;
 pub mod chaos;
 pub mod cmd;
 pub mod control_plane;

@@ -175,6 +175,21 @@ enum Command {
         #[arg(long)]
         seconds: Option<f64>,
     },
+    /// Flood TO with UDP datagrams from several threads and print a JSON report (datagrams,
+    /// bytes, mbit_s, frames_s): unrelated traffic for the layer-2 flood test.
+    #[command(hide = true)]
+    Blast {
+        to: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1472)]
+        size: usize,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Megabits per second to aim at (default: as fast as it goes).
+        #[arg(long)]
+        mbit: Option<f64>,
+    },
     /// The demo image's HTTP server (run by the agent for alicek106/rr-test:echo-hostname).
     #[command(hide = true)]
     HostnameServer {
@@ -347,6 +362,12 @@ async fn run(cli: Cli) -> Result<()> {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let summary = tokio::task::spawn_blocking(move || ferrolb_lab::splitbrain::run(&w, stop)).await??;
             println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Blast { to, size, threads, seconds, mbit } => {
+            let duration = std::time::Duration::from_secs_f64(seconds.max(0.0));
+            let report = ferrolb_lab::blast::run(&ferrolb_lab::blast::Blast { to, size, threads, duration, mbit })?;
+            println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
         Command::HostnameServer { pod, ports } => hostname::serve(pod, ports).await,
