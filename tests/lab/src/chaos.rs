@@ -538,7 +538,7 @@ async fn lane(
 }
 
 /// The MAC of every node's LAN link, to name who answers.
-fn node_macs(paths: &Paths) -> BTreeMap<String, String> {
+pub fn node_macs(paths: &Paths) -> BTreeMap<String, String> {
     let Some(plan) = lifecycle::current_plan(paths) else { return BTreeMap::new() };
     plan.nodes()
         .into_iter()

@@ -59,6 +59,8 @@ pub struct OutageOutcome {
     pub streams: Vec<Stream>,
     /// Announcer changes seen on the wire during the whole drill.
     pub announcer_changes: usize,
+    /// Each: seconds from the API server's stop, address, from node, to node.
+    pub changes: Vec<(f64, IpAddr, String, String)>,
     /// Overlaps of two answering MACs longer than 50 ms.
     pub split_brain_windows: usize,
     /// Nodes whose ferrolb nftables differ between the start and the end of the outage.
@@ -248,6 +250,7 @@ struct During {
     address_ms: Option<u64>,
     answer_ms: Option<u64>,
     crashed_at: Option<u64>,
+    stopped_unix_ms: u64,
 }
 
 /// Runs the drill.
@@ -262,6 +265,7 @@ pub async fn run(paths: &Paths, o: &Outage) -> Result<OutageOutcome> {
             targets.push((svc.clone(), ip));
         }
     }
+    let macs = crate::chaos::node_macs(paths);
     let (service_obj, slice_obj) = probe_objects(&client, &probe_cluster_ip(&client).await?).await?;
 
     let before = Duration::from_secs(5);
@@ -297,6 +301,7 @@ pub async fn run(paths: &Paths, o: &Outage) -> Result<OutageOutcome> {
         let pid = procs::running(paths, "kube-apiserver").context("kube-apiserver is not running")?;
         eprintln!("api-outage: stopping kube-apiserver for {:.0} s", o.seconds);
         let stopped = Instant::now();
+        let stopped_unix_ms = now_ms();
         // SIGTERM, as a supervisor stops it; SIGKILL if it lingers in its graceful shutdown.
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         if wait_gone(pid, Duration::from_secs(5)).await.is_err() {
@@ -352,8 +357,16 @@ pub async fn run(paths: &Paths, o: &Outage) -> Result<OutageOutcome> {
         tokio::time::sleep(outage.saturating_sub(stopped.elapsed() + Duration::from_millis(500))).await;
         let tables_changed: Vec<String> = nodes
             .iter()
-            .filter(|(n, _)| crashed_at.is_none() && tables(n) != snapshot[n])
-            .map(|(n, _)| n.clone())
+            .filter(|_| crashed_at.is_none())
+            .filter_map(|(n, _)| {
+                let now = tables(n);
+                let before = &snapshot[n];
+                let first = now.lines().zip(before.lines()).find(|(a, b)| a != b);
+                (now != *before).then(|| match first {
+                    Some((a, b)) => format!("{n} (first difference: {:?} was {:?})", a.trim(), b.trim()),
+                    None => format!("{n} ({} lines, were {})", now.lines().count(), before.lines().count()),
+                })
+            })
             .collect();
         tokio::time::sleep(outage.saturating_sub(stopped.elapsed())).await;
         eprintln!("api-outage: starting kube-apiserver");
@@ -374,6 +387,9 @@ pub async fn run(paths: &Paths, o: &Outage) -> Result<OutageOutcome> {
             }
             if address_ms.is_some()
                 && let Ok(ips) = ingress(&client, &format!("default/{PROBE}")).await
+                // A fresh neighbour lookup each time: a failed one would hold the client back
+                // for seconds (the kernel's own retries), which is not ferrolb's time.
+                && crate::cmd::ip_in("client", &["neigh", "flush", "to", &ips[0].to_string()]).is_ok()
                 && client_get(&url(ips[0]), "1").is_ok()
             {
                 answer_ms = Some(now_ms() - back);
@@ -398,6 +414,7 @@ pub async fn run(paths: &Paths, o: &Outage) -> Result<OutageOutcome> {
             address_ms,
             answer_ms,
             crashed_at,
+            stopped_unix_ms,
         })
     };
     let (loads, watch, driven) = tokio::join!(futures::future::join_all(loads), watch, drive);
@@ -432,6 +449,15 @@ pub async fn run(paths: &Paths, o: &Outage) -> Result<OutageOutcome> {
         seconds: o.seconds,
         streams,
         announcer_changes: summary.changes.len(),
+        changes: summary
+            .changes
+            .iter()
+            .map(|c| {
+                let name = |m: &str| macs.get(m).cloned().unwrap_or_else(|| m.to_string());
+                let at = (c.at_us / 1000) as f64 / 1000.0 - d.stopped_unix_ms as f64 / 1000.0;
+                (at, c.ip, name(&c.from), name(&c.to))
+            })
+            .collect(),
         split_brain_windows: summary.split_brain_windows().len(),
         tables_changed: d.tables_changed,
         health_checks: d.health_checks,
@@ -479,6 +505,9 @@ pub fn describe(o: &OutageOutcome) -> String {
         ));
     }
     s.push_str("  a cordon during the outage is not seen: nobody can read it until the API server is back\n");
+    for (at, ip, from, to) in &o.changes {
+        s.push_str(&format!("  {at:6.1} s after the stop: {ip} moved {from} -> {to}\n"));
+    }
     let p = o.problems();
     s.push_str(&format!("  expectations: {}\n", if p.is_empty() { "met".to_string() } else { p.join("; ") }));
     s
