@@ -21,7 +21,7 @@ pub fn node_facts(node: &Node, alive: &BTreeSet<String>) -> NodeFacts {
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status != "False"));
     NodeFacts {
         alive: alive.contains(&name),
         labels: node.metadata.labels.clone().unwrap_or_default(),
