@@ -163,9 +163,11 @@ impl<'a> Vital<'a> {
     /// or panicked meanwhile, if any. A task that ends before `stop` ends the process: see
     /// [`exit`].
     pub async fn run(mut self, stop: impl Future<Output = ()>) -> Result<(), Ended> {
+        // Stop first: a task that ends because the process was told to stop is no failure.
         tokio::select! {
-            ended = self.next_end() => exit(&ended),
+            biased;
             () = stop => {}
+            ended = self.next_end() => exit(&ended),
         }
         let mut first = None;
         while let Some(ended) = self.tasks.next().await {
