@@ -278,17 +278,19 @@ async fn run(a: RunArgs) -> Result<()> {
         );
         ra.and(rd)
     };
-    let mut parts = std::pin::pin!(parts);
-    let mut server_ended = false;
-    let ended: Result<()> = loop {
-        tokio::select! {
-            r = &mut parts => break r,
-            e = vital.next_end(), if !server_ended => {
-                // The metrics server stops at SIGTERM too; only before it is that fatal.
-                if !*stop_rx.borrow() {
-                    exit(&e);
+    let ended: Result<()> = {
+        let mut parts = std::pin::pin!(parts);
+        let mut server_ended = false;
+        loop {
+            tokio::select! {
+                r = &mut parts => break r,
+                e = vital.next_end(), if !server_ended => {
+                    // The metrics server stops at SIGTERM too; only before it is that fatal.
+                    if !*stop_rx.borrow() {
+                        exit(&e);
+                    }
+                    server_ended = true;
                 }
-                server_ended = true;
             }
         }
     };
