@@ -451,7 +451,8 @@ pub async fn run(paths: &Paths, o: &Outage) -> Result<OutageOutcome> {
         Some(at) => summary
             .changes
             .iter()
-            .filter(|c| c.at_us / 1000 >= at)
+            // Moves off the crashed node (not the moves back once it is restored).
+            .filter(|c| c.at_us / 1000 >= at && macs.get(&c.from) == o.crash.as_ref())
             .map(|c| (c.ip, (c.at_us / 1000).saturating_sub(at)))
             .collect(),
         None => Vec::new(),
