@@ -14,24 +14,22 @@
 //! the probe itself only moves frames.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use ferrolb_speaker::l2::arp::who_has;
-use ferrolb_speaker::l2::ndp::{multicast_mac, solicited_node};
+use ferrolb_speaker::l2::ndp::solicitation;
 use pnet_datalink::{Channel, MacAddr};
 use pnet_packet::Packet;
 use pnet_packet::arp::{ArpOperations, ArpPacket};
-use pnet_packet::ethernet::{EtherTypes, EthernetPacket, MutableEthernetPacket};
-use pnet_packet::icmpv6::ndp::{
-    Icmpv6Codes, MutableNeighborSolicitPacket, NdpOption, NdpOptionTypes, NeighborAdvertFlags, NeighborAdvertPacket,
-};
-use pnet_packet::icmpv6::{self, Icmpv6Packet, Icmpv6Types, MutableIcmpv6Packet};
+use pnet_packet::ethernet::{EtherTypes, EthernetPacket};
+use pnet_packet::icmpv6::Icmpv6Types;
+use pnet_packet::icmpv6::ndp::{NdpOptionTypes, NeighborAdvertFlags, NeighborAdvertPacket};
 use pnet_packet::ip::IpNextHeaderProtocols;
-use pnet_packet::ipv6::{Ipv6Packet, MutableIpv6Packet};
+use pnet_packet::ipv6::Ipv6Packet;
 use serde::{Deserialize, Serialize};
 
 /// An overlap longer than this is a split-brain window (the threshold).
@@ -186,45 +184,6 @@ impl Runs {
         changes.sort_by_key(|c| c.at_us);
         Summary { requests, replies: self.replies, runs, overlaps, changes }
     }
-}
-
-/// A Neighbor Solicitation from `my_mac`/`my_ip` for `target`, to its solicited-node group.
-pub fn solicitation(my_mac: MacAddr, my_ip: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
-    const ETH: usize = 14;
-    const IP6: usize = 40;
-    const NS: usize = 24 + 8;
-    let group = solicited_node(target);
-    let mut frame = vec![0u8; ETH + IP6 + NS];
-    let (eth_bytes, rest) = frame.split_at_mut(ETH);
-    let (ip_bytes, message) = rest.split_at_mut(IP6);
-    if let Some(mut ns) = MutableNeighborSolicitPacket::new(message) {
-        ns.set_icmpv6_type(Icmpv6Types::NeighborSolicit);
-        ns.set_icmpv6_code(Icmpv6Codes::NoCode);
-        ns.set_target_addr(target);
-        ns.set_options(&[NdpOption {
-            option_type: NdpOptionTypes::SourceLLAddr,
-            length: 1,
-            data: my_mac.octets().to_vec(),
-        }]);
-    }
-    let checksum = Icmpv6Packet::new(message).map(|icmp| icmpv6::checksum(&icmp, &my_ip, &group));
-    if let (Some(mut icmp), Some(c)) = (MutableIcmpv6Packet::new(message), checksum) {
-        icmp.set_checksum(c);
-    }
-    if let Some(mut ip) = MutableIpv6Packet::new(ip_bytes) {
-        ip.set_version(6);
-        ip.set_payload_length(NS as u16);
-        ip.set_next_header(IpNextHeaderProtocols::Icmpv6);
-        ip.set_hop_limit(255);
-        ip.set_source(my_ip);
-        ip.set_destination(group);
-    }
-    if let Some(mut eth) = MutableEthernetPacket::new(eth_bytes) {
-        eth.set_destination(multicast_mac(group));
-        eth.set_source(my_mac);
-        eth.set_ethertype(EtherTypes::Ipv6);
-    }
-    frame
 }
 
 /// `(address, MAC)` if `frame` answers one of our requests (sent to `me`, not gratuitous).
@@ -420,7 +379,7 @@ mod tests {
     #[test]
     fn answers_are_told_from_requests_and_gratuitous_packets() {
         let me = MacAddr::new(2, 0, 0, 0, 0, 0x64);
-        let target: Ipv6Addr = "2001:db8:1::c8".parse().unwrap();
+        let target: std::net::Ipv6Addr = "2001:db8:1::c8".parse().unwrap();
         let ns = solicitation(me, "2001:db8:1::100".parse().unwrap(), target);
         assert_eq!(answer(&ns, me), None);
         let parsed = ferrolb_speaker::l2::ndp::parse_solicitation(&ns).expect("the speaker parses our NS");
