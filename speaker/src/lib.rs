@@ -23,5 +23,6 @@ pub mod l2;
 pub mod link;
 pub mod membership;
 pub mod metrics;
+mod netlink;
 pub mod status;
 pub mod watch;

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use netlink_packet_core::{
-    DefaultNla, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla,
+    DefaultNla, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla,
 };
 use netlink_packet_netfilter::conntrack::{
     ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol as CtProtocol, Tuple,
@@ -255,15 +255,8 @@ impl Conntrack {
             self.buf.clear();
             let n = self.socket.recv(&mut self.buf, 0).map_err(Error::Io)?;
             let data = &self.buf[..n.min(self.buf.len())];
-            let mut at = 0;
-            while at < data.len() {
-                let Ok(nb) = NetlinkBuffer::new_checked(&data[at..]) else { break };
-                let len = nb.length() as usize;
-                if len == 0 {
-                    break;
-                }
-                let parsed = NetlinkMessage::<NetfilterMessage>::deserialize(&data[at..(at + len).min(data.len())]);
-                at += (len + 3) & !3;
+            for bytes in crate::netlink::messages(data) {
+                let parsed = NetlinkMessage::<NetfilterMessage>::deserialize(bytes);
                 let msg = match parsed {
                     Ok(m) => m,
                     Err(_) => {

@@ -13,7 +13,7 @@
 
 use std::io;
 
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_sys::protocols::NETLINK_ROUTE;
@@ -85,15 +85,8 @@ pub fn dump() -> io::Result<Vec<Link>> {
         buf.clear();
         let n = socket.recv(&mut buf, 0)?;
         let data = &buf[..n.min(buf.len())];
-        let mut at = 0;
-        while at < data.len() {
-            let Ok(nb) = NetlinkBuffer::new_checked(&data[at..]) else { break };
-            let len = nb.length() as usize;
-            if len == 0 {
-                break;
-            }
-            let parsed = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[at..(at + len).min(data.len())]);
-            at += (len + 3) & !3;
+        for bytes in crate::netlink::messages(data) {
+            let parsed = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes);
             match parsed.map(|m| m.payload) {
                 Ok(NetlinkPayload::Done(_)) => return Ok(links),
                 Ok(NetlinkPayload::Error(e)) if e.code.is_some() => return Err(e.to_io()),
