@@ -304,26 +304,16 @@ pub fn url(ip: IpAddr) -> String {
     if ip.is_ipv6() { format!("http://[{ip}]/") } else { format!("http://{ip}/") }
 }
 
-/// A process's command line, its arguments joined by spaces.
-fn cmdline(pid: i32) -> Option<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(raw.split(|b| *b == 0).map(String::from_utf8_lossy).collect::<Vec<_>>().join(" "))
-}
-
-/// The processes of `node`'s namespace whose command line holds `needle`.
+/// The processes of `node` (its namespace and its pods') whose command line holds `needle`.
 fn node_pids_running(node: &str, needle: &str) -> Vec<i32> {
-    let out = std::process::Command::new("ip").args(["netns", "pids", node]).output();
-    let pids: Vec<i32> = out
-        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
-        .unwrap_or_default();
-    pids.into_iter().filter(|p| cmdline(*p).is_some_and(|c| c.contains(needle))).collect()
+    let on_node = crate::drill::node_processes(node);
+    procs::pids_mentioning(needle).into_iter().filter(|p| on_node.contains(p)).collect()
 }
 
 /// Every process whose command line holds `needle` and whose environment holds `env`.
 fn pids_with_env(needle: &str, env: &str) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|p| cmdline(*p).is_some_and(|c| c.contains(needle)))
+    procs::pids_mentioning(needle)
+        .into_iter()
         .filter(|p| {
             std::fs::read(format!("/proc/{p}/environ"))
                 .is_ok_and(|e| e.split(|b| *b == 0).any(|kv| kv == env.as_bytes()))

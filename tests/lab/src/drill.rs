@@ -201,7 +201,7 @@ pub async fn set_unschedulable(client: &kube::Client, node: &str, on: bool) -> R
 }
 
 /// Every process in the node's namespace and its pods' namespaces.
-fn node_processes(node: &str) -> Vec<i32> {
+pub fn node_processes(node: &str) -> Vec<i32> {
     let index = node.trim_start_matches("node-");
     let pod_prefix = format!("flbpod-{index}-");
     let mut pids = Vec::new();
