@@ -54,6 +54,9 @@ pub struct Settings {
     /// With a data plane: where this node's handovers go (see `dataplane::handover`); they
     /// are applied here, before the gratuitous packets that move the clients.
     pub handovers: Option<Arc<tokio::sync::watch::Sender<Vec<Handover>>>>,
+    /// With a data plane: where the nodes whose speakers died go (the membership's word), so
+    /// new connections avoid their endpoints.
+    pub avoid: Option<Arc<tokio::sync::watch::Sender<BTreeSet<String>>>>,
     /// The owner of the ServiceL2Statuses written (the speakers' DaemonSet), if known.
     pub status_owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
 }
@@ -153,6 +156,13 @@ const JOIN_WAIT: Duration = Duration::from_secs(3);
 /// if the node died with it, those connections were lost anyway.
 const HANDOVER_GRACE: Duration = Duration::from_secs(30);
 
+/// How long this node waits before it takes an address from an announcer that is alive and
+/// still eligible (a node coming back, or uncordoned, ranks first again): time for that
+/// announcer to see the change too and let go, so that two nodes never answer together. Traffic
+/// goes on through the announcer meanwhile. A move off a dead, cordoned or no longer eligible
+/// announcer never waits.
+const MOVE_GRACE: Duration = Duration::from_millis(400);
+
 /// A handover and why it is kept.
 struct Kept {
     previous_node: String,
@@ -198,6 +208,51 @@ fn handovers(
     }
 }
 
+/// The addresses this node wins but waits for (see [`MOVE_GRACE`]): won by rank from an
+/// announcer (`last_all`) that is alive (in `others`) and would still win without us. `deferred`
+/// keeps when each wait ends and from whom; what no longer waits leaves it.
+#[allow(clippy::too_many_arguments)]
+fn planned_moves(
+    caches: &Caches,
+    s: &Settings,
+    all: &BTreeMap<IpAddr, Announcement>,
+    mine: &BTreeMap<IpAddr, Vec<String>>,
+    last_all: &BTreeMap<IpAddr, String>,
+    others: &BTreeSet<String>,
+    holding: bool,
+    deferred: &mut BTreeMap<IpAddr, (tokio::time::Instant, String)>,
+) -> BTreeSet<IpAddr> {
+    let mut waiting = BTreeSet::new();
+    if holding {
+        deferred.clear();
+        return waiting;
+    }
+    let now = tokio::time::Instant::now();
+    deferred.retain(|ip, _| all.get(ip).is_some_and(|a| a.node == s.node) && !mine.contains_key(ip));
+    let mut without_me: Option<BTreeMap<IpAddr, Announcement>> = None;
+    for (ip, a) in all {
+        if a.node != s.node || mine.contains_key(ip) {
+            continue;
+        }
+        let Some(prev) = deferred.get(ip).map(|(_, p)| p).or_else(|| last_all.get(ip)).cloned() else { continue };
+        let without_me = without_me.get_or_insert_with(|| caches.elect(s, others));
+        if prev == s.node || !others.contains(&prev) || without_me.get(ip).is_none_or(|w| w.node != prev) {
+            deferred.remove(ip);
+            continue;
+        }
+        let (until, _) = deferred.entry(*ip).or_insert_with(|| {
+            tracing::info!(%ip, from = %prev, "planned move: waiting {MOVE_GRACE:?} for the announcer to let go");
+            (now + MOVE_GRACE, prev.clone())
+        });
+        if *until > now {
+            waiting.insert(*ip);
+        } else {
+            deferred.remove(ip);
+        }
+    }
+    waiting
+}
+
 /// Which of this node's interfaces answer for `a`: those the advertisements name, else those
 /// whose subnet holds the address, else the usable ones that face the LAN (`l2::links`).
 fn interfaces_for(a: &Announcement, usable: &[pnet_datalink::NetworkInterface]) -> Vec<String> {
@@ -237,6 +292,18 @@ pub async fn run(
         rejected: metrics.membership_rejected.clone(),
     })
     .await?;
+    if let Some(tx) = s.avoid.clone() {
+        // At once, not at the next pass of the loop below.
+        let mut dead = members.dead.clone();
+        tokio::spawn(async move {
+            loop {
+                tx.send_replace(dead.borrow_and_update().clone());
+                if dead.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     caches.ready().await?;
     let publish_nodes = |addrs: membership::NodeAddrs| {
         nodes_tx.send_if_modified(|n| {
@@ -286,6 +353,8 @@ pub async fn run(
     // The last pass's view, for handovers: who announced each address, and who was alive.
     let mut last_all: BTreeMap<IpAddr, String> = BTreeMap::new();
     let mut last_alive: BTreeSet<String> = BTreeSet::new();
+    // Planned moves to us that wait (see MOVE_GRACE): until when, and from whom.
+    let mut deferred: BTreeMap<IpAddr, (tokio::time::Instant, String)> = BTreeMap::new();
     let nft = NftCommand::default();
     // When the change that this pass reacts to was seen; `None` on the first pass, whose
     // addresses are not a takeover.
@@ -315,7 +384,16 @@ pub async fn run(
         }
         let holding = joining_since.is_some();
         let all = caches.elect(&s, &alive);
-        let all_winners: BTreeMap<IpAddr, String> = all.iter().map(|(ip, a)| (*ip, a.node.clone())).collect();
+        let others: BTreeSet<String> = alive.iter().filter(|n| **n != s.node).cloned().collect();
+        let waiting = planned_moves(&caches, &s, &all, &mine, &last_all, &others, holding, &mut deferred);
+        // Who announces what after this pass: while we hold or wait, not us.
+        let all_winners: BTreeMap<IpAddr, String> = if holding {
+            caches.elect(&s, &others).into_iter().map(|(ip, a)| (ip, a.node)).collect()
+        } else {
+            all.iter()
+                .map(|(ip, a)| (*ip, deferred.get(ip).map_or_else(|| a.node.clone(), |(_, prev)| prev.clone())))
+                .collect()
+        };
         let mut view = status::View { alive: alive.clone(), ..Default::default() };
         let usable = usable_interfaces();
         let mut won: BTreeMap<IpAddr, Announcement> = BTreeMap::new();
@@ -323,7 +401,7 @@ pub async fn run(
         let mut now_mine: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
         for (ip, a) in all {
             view.announced.extend(a.services.iter().cloned());
-            if a.node != s.node || holding {
+            if a.node != s.node || holding || waiting.contains(&ip) {
                 continue;
             }
             for i in interfaces_for(&a, &usable) {
@@ -353,6 +431,13 @@ pub async fn run(
                     metrics.announced.get_or_create(&label).set(1);
                 }
             }
+        }
+        // Let go first: what another node now wins is no longer answered here before anything
+        // slow (nft below) runs, so that two nodes never answer together for long. Clients keep
+        // this node's MAC until the winner's gratuitous packets, and this node still forwards.
+        let nothing = Announced::default();
+        for (name, r) in &responders {
+            r.keep_only(per_iface.get(name).unwrap_or(&nothing));
         }
         // Connections in flight through the node we take over from go on to it; in place
         // before the gratuitous packets move the clients.
@@ -435,6 +520,10 @@ pub async fn run(
             r = alive_rx.changed() => {
                 if r.is_err() { anyhow::bail!("the membership stopped"); }
                 woke = Some(std::time::Instant::now());
+            }
+            // A planned move's wait ends.
+            _ = tokio::time::sleep_until(deferred.values().map(|(t, _)| *t).min().unwrap_or_else(tokio::time::Instant::now)), if !deferred.is_empty() => {
+                woke = None;
             }
             // Handovers of a gone speaker expire without any other change.
             _ = tokio::time::sleep(Duration::from_secs(5)), if !handed.is_empty() => woke = None,

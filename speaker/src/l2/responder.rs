@@ -257,6 +257,14 @@ impl Responder {
         taken
     }
 
+    /// Stops answering for every address not in `keep`; takes nothing new.
+    pub fn keep_only(&self, keep: &Announced) {
+        if let Ok(mut t) = self.table.write() {
+            t.v4.retain(|a| keep.v4.contains(a));
+            t.v6.retain(|a| keep.v6.contains(a));
+        }
+    }
+
     /// One round of gratuitous ARP (request and reply) or one unsolicited NA for `ip`.
     pub fn announce(&self, ip: IpAddr) {
         let frames: Vec<Vec<u8>> = match ip {
