@@ -184,6 +184,7 @@ async fn run(a: RunArgs) -> Result<()> {
         node_ip: a.node_ip,
         secret,
         handovers: None,
+        avoid: None,
         status_owner: None,
     };
 
@@ -202,8 +203,10 @@ async fn run(a: RunArgs) -> Result<()> {
         settings.status_owner = own.owner().await;
     }
     let (handover_tx, handover_rx) = tokio::sync::watch::channel(Vec::new());
+    let (avoid_tx, avoid_rx) = tokio::sync::watch::channel(std::collections::BTreeSet::new());
     if a.dataplane != Dataplane::Off {
         settings.handovers = Some(Arc::new(handover_tx));
+        settings.avoid = Some(Arc::new(avoid_tx));
     }
     let cluster = ferrolb_speaker::watch::Cluster::start(&client);
     let mode = match a.dataplane {
@@ -234,6 +237,7 @@ async fn run(a: RunArgs) -> Result<()> {
         let mut s = DataplaneSettings::new(source, families.clone());
         s.health_check_addresses = a.nodeport_addresses.clone();
         s.handovers = Some(handover_rx);
+        s.avoid = Some(avoid_rx);
         s.warnings = dataplane::events::WarningEvents::start(client.clone(), a.node.clone(), cluster.services.clone());
         dataplane::run(&cluster, s, dp_metrics, stopped(stop_rx.clone())).await
     };

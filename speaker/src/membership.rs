@@ -121,6 +121,8 @@ enum Cmd {
 pub struct Handle {
     /// Names of the nodes whose speakers are alive, ours included.
     pub alive: watch::Receiver<BTreeSet<String>>,
+    /// Names of the nodes whose speakers died (see [`Deaths`]) and have not come back.
+    pub dead: watch::Receiver<BTreeSet<String>>,
     cmd: mpsc::Sender<Cmd>,
     /// The address the socket is bound to (useful with port 0).
     pub local_addr: SocketAddr,
@@ -170,6 +172,47 @@ enum Input {
     Cmd(Cmd),
 }
 
+/// Which nodes' speakers died rather than left. A speaker that stops on SIGTERM leaves: it
+/// says so and is declared down at once; its node (and its pods) may well be fine, in an
+/// upgrade say. A speaker whose node crashed or was cut off falls silent: it is suspected
+/// first, then declared down. Only the second kind is a death, and a death says the node is
+/// most likely gone, long before its EndpointSlices do.
+#[derive(Debug, Default)]
+pub struct Deaths {
+    /// Nodes suspected at the last look, by name.
+    suspected: BTreeSet<String>,
+    died: BTreeSet<String>,
+}
+
+impl Deaths {
+    /// Who is suspect now (from foca's view, after each input).
+    pub fn suspects(&mut self, now: BTreeSet<String>) {
+        self.suspected = now;
+    }
+
+    /// `node`'s member was declared down; `believed`: it counted as alive until now. True when
+    /// that is a death; a member that left clears its node.
+    pub fn down(&mut self, node: &str, believed: bool) -> bool {
+        if believed && self.suspected.contains(node) {
+            self.died.insert(node.to_string())
+        } else {
+            self.died.remove(node);
+            false
+        }
+    }
+
+    /// `node` has a member up again.
+    pub fn up(&mut self, node: &str) {
+        self.died.remove(node);
+    }
+
+    /// The dead: those that died and have no live member (a restarted speaker's new self can
+    /// join before its old self is declared down).
+    pub fn dead(&self, alive: &BTreeSet<String>) -> BTreeSet<String> {
+        self.died.difference(alive).cloned().collect()
+    }
+}
+
 /// The names of the members believed alive: ours, and those whose address is an InternalIP
 /// of the Node they name (none while the Nodes are unknown).
 fn alive_names(me: &Member, members: &BTreeSet<Member>, nodes: Option<&NodeAddrs>) -> BTreeSet<String> {
@@ -190,6 +233,7 @@ pub async fn start(settings: Settings) -> std::io::Result<Handle> {
         identity.addr = local_addr;
     }
     let (alive_tx, alive) = watch::channel(BTreeSet::from([identity.node.clone()]));
+    let (dead_tx, dead) = watch::channel(BTreeSet::new());
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(16);
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Input>();
     let mut rng: StdRng = rand::make_rng();
@@ -229,6 +273,7 @@ pub async fn start(settings: Settings) -> std::io::Result<Handle> {
         let _receiver = AbortOnDrop(receiver);
         let mut runtime = foca::AccumulatingRuntime::new();
         let mut members: BTreeSet<Member> = BTreeSet::new();
+        let mut deaths = Deaths::default();
         let mut left: Option<oneshot::Sender<()>> = None;
         let mut nodes_open = true;
         loop {
@@ -276,9 +321,16 @@ pub async fn start(settings: Settings) -> std::io::Result<Handle> {
             while let Some(n) = runtime.to_notify() {
                 match n {
                     OwnedNotification::MemberUp(m) => {
+                        deaths.up(&m.node);
                         members.insert(m);
                     }
                     OwnedNotification::MemberDown(m) => {
+                        if deaths.down(&m.node, alive_tx.borrow().contains(&m.node)) {
+                            tracing::warn!(
+                                node = %m.node,
+                                "speaker died (suspected, then declared down): new connections avoid its node's endpoints"
+                            );
+                        }
                         members.remove(&m);
                     }
                     OwnedNotification::Rename(old, new) => {
@@ -288,10 +340,23 @@ pub async fn start(settings: Settings) -> std::io::Result<Handle> {
                     _ => {}
                 }
             }
+            deaths.suspects(
+                foca.iter_membership_state()
+                    .filter(|m| m.state() == foca::State::Suspect)
+                    .map(|m| m.id().node.clone())
+                    .collect(),
+            );
             let names = alive_names(foca.identity(), &members, nodes.borrow().as_ref());
+            let gone = deaths.dead(&names);
             if *alive_tx.borrow() != names {
                 tracing::info!(alive = ?names, "membership changed");
                 alive_tx.send_replace(names);
+            }
+            if *dead_tx.borrow() != gone {
+                for back in dead_tx.borrow().difference(&gone) {
+                    tracing::info!(node = %back, "speaker back: new connections reach its node's endpoints again");
+                }
+                dead_tx.send_replace(gone);
             }
             // Timers follow the number of members foca knows alive (believed or not: they all
             // take part in gossip).
@@ -318,7 +383,7 @@ pub async fn start(settings: Settings) -> std::io::Result<Handle> {
             }
         }
     });
-    Ok(Handle { alive, cmd: cmd_tx, local_addr, task })
+    Ok(Handle { alive, dead, cmd: cmd_tx, local_addr, task })
 }
 
 /// Aborts a task when dropped, so the receiver dies with the membership task.
@@ -415,11 +480,41 @@ mod tests {
         c.abort();
         let took = wait_for(&a, &["a", "b"], Duration::from_secs(5)).await;
         eprintln!("crash detected after {took:?}");
+        // ... and it is a death: its node's endpoints are avoided.
+        assert_eq!(*a.dead.borrow(), BTreeSet::from(["c".to_string()]));
 
-        // A clean leave: the others learn without waiting for a probe to fail.
+        // A clean leave: the others learn without waiting for a probe to fail, and it is no
+        // death (the node's pods may well be serving).
         b.leave().await;
         let took = wait_for(&a, &["a"], Duration::from_secs(5)).await;
         eprintln!("leave seen after {took:?}");
+        assert_eq!(*a.dead.borrow(), BTreeSet::from(["c".to_string()]));
+    }
+
+    #[test]
+    fn only_a_suspected_member_going_down_is_a_death() {
+        let alive = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<BTreeSet<String>>();
+        let mut d = Deaths::default();
+        // Left without suspicion: no death.
+        assert!(!d.down("b", true));
+        // Suspected, then down: a death, until a member of the node is up again.
+        d.suspects(alive(&["c"]));
+        assert!(d.down("c", true));
+        assert_eq!(d.dead(&alive(&["a"])), alive(&["c"]));
+        d.up("c");
+        assert!(d.dead(&alive(&["a"])).is_empty());
+        // A restarted speaker's new self joined before its old self was declared down: the
+        // node is alive, so not dead; if that new self leaves cleanly later, still not dead.
+        d.suspects(alive(&["d"]));
+        assert!(d.down("d", true));
+        assert!(d.dead(&alive(&["a", "d"])).is_empty());
+        d.suspects(BTreeSet::new());
+        assert!(!d.down("d", true));
+        assert!(d.dead(&alive(&["a"])).is_empty());
+        // Never believed (a member at a wrong address): no death.
+        d.suspects(alive(&["e"]));
+        assert!(!d.down("e", false));
+        assert!(d.dead(&alive(&["a"])).is_empty());
     }
 
     #[tokio::test]

@@ -45,6 +45,8 @@ pub struct DataplaneMetrics {
     pub no_local_endpoints: Family<FamilyLabel, Gauge>,
     /// Services left out of the table because `nft` refused their rules, by family.
     pub rejected_services: Family<FamilyLabel, Gauge>,
+    /// Nodes whose endpoints new connections avoid (their speakers died).
+    pub avoided_nodes: Gauge,
     /// Health: since when a change waits (None: nothing waits), and the timeout.
     pending: Mutex<Option<Instant>>,
     /// How long a change may wait before the data plane is unhealthy.
@@ -70,6 +72,7 @@ impl DataplaneMetrics {
             sync_failures: Family::default(),
             no_local_endpoints: Family::default(),
             rejected_services: Family::default(),
+            avoided_nodes: Gauge::default(),
             pending: Mutex::new(None),
             health_timeout,
         }
@@ -97,6 +100,11 @@ impl DataplaneMetrics {
             "dataplane_rejected_services",
             "Services left out of the nftables table because nft refused their rules",
             self.rejected_services.clone(),
+        );
+        registry.register(
+            "dataplane_avoided_nodes",
+            "Nodes whose speakers died (the membership's word): new connections avoid their endpoints",
+            self.avoided_nodes.clone(),
         );
     }
 

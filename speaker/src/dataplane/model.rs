@@ -147,12 +147,23 @@ pub struct Endpoint {
     pub serving: bool,
     /// `conditions.terminating`.
     pub terminating: bool,
+    /// Its node's speaker was declared dead by the membership (it did not leave): new
+    /// connections go elsewhere while any other endpoint is ready ([`Model::steer_away_from`]).
+    pub unreachable: bool,
 }
 
 impl Endpoint {
     /// A ready endpoint on `node`.
     pub fn ready(ip: IpAddr, port: u16, node: &str) -> Self {
-        Self { ip, port, node: Some(node.to_owned()), ready: true, serving: true, terminating: false }
+        Self {
+            ip,
+            port,
+            node: Some(node.to_owned()),
+            ready: true,
+            serving: true,
+            terminating: false,
+            unreachable: false,
+        }
     }
 
     /// Whether the endpoint lives on `node`.
@@ -167,6 +178,23 @@ impl Endpoint {
 }
 
 impl Model {
+    /// Marks the endpoints on `dead` nodes (never our own) as unreachable: the membership saw
+    /// their speakers die, so those nodes (and their pods) are most likely gone, long before
+    /// their EndpointSlices say so. Only the choice for new connections changes (see
+    /// [`PortModel::cluster_endpoints`]); connections already made keep their endpoint.
+    pub fn steer_away_from(&mut self, dead: &std::collections::BTreeSet<String>) {
+        if dead.is_empty() {
+            return;
+        }
+        for svc in self.services.values_mut() {
+            for port in &mut svc.ports {
+                for e in &mut port.endpoints {
+                    e.unreachable = e.node.as_ref().is_some_and(|n| *n != self.node && dead.contains(n));
+                }
+            }
+        }
+    }
+
     /// Node addresses of this family NodePorts listen on, sorted, without loopback.
     pub fn nodeport_ips(&self) -> Vec<IpAddr> {
         let mut ips: Vec<IpAddr> =
@@ -241,7 +269,11 @@ impl PortModel {
 }
 
 fn usable<'a>(candidates: impl Iterator<Item = &'a Endpoint> + Clone) -> Vec<&'a Endpoint> {
-    let mut chosen: Vec<&Endpoint> = candidates.clone().filter(|e| e.ready).collect();
+    let mut chosen: Vec<&Endpoint> = candidates.clone().filter(|e| e.ready && !e.unreachable).collect();
+    if chosen.is_empty() {
+        // Unreachable ones rather than none: the membership may be wrong about their node.
+        chosen = candidates.clone().filter(|e| e.ready).collect();
+    }
     if chosen.is_empty() {
         chosen = candidates.filter(|e| e.is_fallback()).collect();
     }
@@ -259,10 +291,20 @@ fn of_family(ips: &[IpAddr], family: Family) -> Vec<IpAddr> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn ep(ip: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Endpoint {
-        Endpoint { ip: ip.parse().unwrap(), port: 8080, node: Some(node.into()), ready, serving, terminating }
+        Endpoint {
+            ip: ip.parse().unwrap(),
+            port: 8080,
+            node: Some(node.into()),
+            ready,
+            serving,
+            terminating,
+            unreachable: false,
+        }
     }
 
     fn port(endpoints: Vec<Endpoint>) -> PortModel {
@@ -296,6 +338,62 @@ mod tests {
             port(vec![ep("198.18.1.3", "node-1", false, true, true), ep("198.18.2.2", "node-2", true, true, false)]);
         assert_eq!(ips(&p.local_endpoints(Family::V4, "node-1")), ["198.18.1.3"]);
         assert!(p.local_endpoints(Family::V4, "node-3").is_empty());
+    }
+
+    fn model(node: &str, endpoints: Vec<Endpoint>) -> Model {
+        let svc = ServiceModel { ports: vec![port(endpoints)], ..Default::default() };
+        Model {
+            node: node.into(),
+            family: Family::V4,
+            mode: Mode::Full,
+            node_ips: vec![],
+            pod_cidrs: vec![],
+            service_cidrs: vec![],
+            services: BTreeMap::from([(ServiceKey::new("default", "web"), svc)]),
+        }
+    }
+
+    fn chosen(m: &Model) -> Vec<String> {
+        ips(&m.services.values().next().unwrap().ports[0].cluster_endpoints(Family::V4))
+    }
+
+    #[test]
+    fn new_connections_avoid_the_endpoints_of_dead_nodes() {
+        let mut m = model(
+            "node-1",
+            vec![
+                ep("198.18.1.2", "node-1", true, true, false),
+                ep("198.18.2.2", "node-2", true, true, false),
+                ep("198.18.3.2", "node-3", true, true, false),
+            ],
+        );
+        m.steer_away_from(&BTreeSet::from(["node-2".to_string()]));
+        assert_eq!(chosen(&m), ["198.18.1.2", "198.18.3.2"]);
+        // Alive again: back in.
+        m.steer_away_from(&BTreeSet::new());
+        assert_eq!(chosen(&m).len(), 2, "an empty set changes nothing");
+        m.steer_away_from(&BTreeSet::from(["node-9".to_string()]));
+        assert_eq!(chosen(&m), ["198.18.1.2", "198.18.2.2", "198.18.3.2"]);
+    }
+
+    #[test]
+    fn dead_nodes_endpoints_stay_when_they_are_the_only_ready_ones() {
+        let mut m = model(
+            "node-1",
+            vec![ep("198.18.2.2", "node-2", true, true, false), ep("198.18.1.3", "node-1", false, true, true)],
+        );
+        m.steer_away_from(&BTreeSet::from(["node-2".to_string()]));
+        assert_eq!(chosen(&m), ["198.18.2.2"], "a ready endpoint the membership may be wrong about beats none");
+    }
+
+    #[test]
+    fn our_own_node_is_never_steered_away_from() {
+        let mut m = model(
+            "node-1",
+            vec![ep("198.18.1.2", "node-1", true, true, false), ep("198.18.2.2", "node-2", true, true, false)],
+        );
+        m.steer_away_from(&BTreeSet::from(["node-1".to_string(), "node-2".to_string()]));
+        assert_eq!(chosen(&m), ["198.18.1.2"]);
     }
 
     #[test]

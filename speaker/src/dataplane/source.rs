@@ -317,6 +317,7 @@ fn endpoints(slices: &[&EndpointSlice], name: &str, proto: Protocol, family: Fam
                 ready,
                 serving,
                 terminating,
+                unreachable: false,
             });
         }
     }

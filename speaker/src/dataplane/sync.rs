@@ -11,7 +11,7 @@
 //! On shutdown the tables stay: a restarted speaker takes them over with a full sync, and
 //! traffic flows in between (as with kube-proxy).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::pin;
@@ -60,6 +60,9 @@ pub struct DataplaneSettings {
     pub handovers: Option<tokio::sync::watch::Receiver<Vec<Handover>>>,
     /// Where warnings about single Services go (Events and log lines).
     pub warnings: WarningEvents,
+    /// Nodes whose speakers died (from the membership): new connections avoid their endpoints
+    /// while others are ready ([`Model::steer_away_from`]).
+    pub avoid: Option<tokio::sync::watch::Receiver<BTreeSet<String>>>,
 }
 
 impl DataplaneSettings {
@@ -77,6 +80,7 @@ impl DataplaneSettings {
             cleanup_max_stale: 1000,
             handovers: None,
             warnings: WarningEvents::logs_only(),
+            avoid: None,
         }
     }
 }
@@ -103,6 +107,7 @@ pub async fn run(
     let mut latency = SliceLatency::default();
     let mut backoff: Option<Duration> = None;
     let mut last_sync = Instant::now();
+    let mut avoid = settings.avoid.clone();
     metrics.queued(Instant::now());
     let mut pending = true;
     loop {
@@ -112,6 +117,8 @@ pub async fn run(
             let sls = slices.state();
             let nds = nodes.state();
             let cidrs = cluster.service_cidrs.state();
+            let dead: BTreeSet<String> = avoid.as_mut().map(|rx| rx.borrow_and_update().clone()).unwrap_or_default();
+            metrics.avoided_nodes.set(i64::try_from(dead.len()).unwrap_or(i64::MAX));
             let mut warnings = Vec::new();
             let models: Vec<Model> = settings
                 .families
@@ -126,6 +133,7 @@ pub async fn run(
                     );
                     warnings.extend(w);
                     model.service_cidrs = claims::service_cidrs(cidrs.iter().map(|c| c.as_ref()), *f);
+                    model.steer_away_from(&dead);
                     model
                 })
                 .collect();
@@ -170,6 +178,20 @@ pub async fn run(
             _ = changed.notified() => {
                 metrics.queued(Instant::now());
                 pending = true;
+            }
+            r = async {
+                match avoid.as_mut() {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if r.is_err() {
+                    // The membership is gone (the speaker is stopping): keep the last word.
+                    avoid = None;
+                } else {
+                    metrics.queued(Instant::now());
+                    pending = true;
+                }
             }
             _ = tokio::time::sleep(retry), if backoff.is_some() => pending = true,
             _ = tokio::time::sleep(cleanup), if runner.has_stale() && backoff.is_none() => {
