@@ -99,14 +99,11 @@ fn crash_during_outage(lab: &Lab) -> Result<()> {
 fn chaos(lab: &Lab) -> Result<()> {
     let (v, _, table) = lab_json(lab, &["chaos", "--minutes", "2", "--seed", "1", "--json"])?;
     println!("{table}");
-    // The goal is no overlap over 50 ms. Overlaps of 50–210 ms still happen when an address goes
-    // back to a node that returns (a restarted speaker, a link back) on a loaded machine: the
-    // returning node answers before the holder hears of it. Until the gaining node waits for
-    // the holder on such planned moves, the test holds the line at 250 ms and prints the rest.
+    // The goals: no split-brain window (two MACs answering for one address over 50 ms) and no
+    // renumbering. Returns to a node (a restarted speaker, a link back) used to give 53-208 ms
+    // overlaps; the gaining node now waits for the holder on such planned moves.
     let windows = v["split_brain_windows"].as_array().cloned().unwrap_or_default();
-    let long: Vec<&Value> = windows.iter().filter(|w| w["duration_us"].as_u64().unwrap_or(0) > 250_000).collect();
-    println!("split-brain windows over 50 ms: {}", windows.len());
-    ensure!(long.is_empty(), "two announcers for over 250 ms: {long:?}");
+    ensure!(windows.is_empty(), "split-brain windows: {windows:?}\n{table}");
     ensure!(v["address_changes"].as_array().is_some_and(Vec::is_empty), "address changes: {}", v["address_changes"]);
     Ok(())
 }

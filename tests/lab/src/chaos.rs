@@ -21,7 +21,7 @@
 //! The lab's kernel has no `sch_netem`; the 5 % loss is nftables' `numgen random` dropping
 //! 5 % of the frames in and out of the node's LAN link (netdev ingress and egress hooks).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -193,8 +193,8 @@ pub struct Stream {
     pub ip: IpAddr,
     pub requests: u64,
     pub failed: u64,
-    /// Failed requests that went to a crashed node's pods after the address had moved and
-    /// before the node was back (Cluster only).
+    /// Failed requests sent to a crashed or cut-off node's pods before its death was detected
+    /// (Cluster only; see [`excluded_windows`]).
     pub excluded: u64,
     pub max_gap_ms: u64,
     pub errors: BTreeMap<String, u64>,
@@ -212,6 +212,11 @@ pub struct FaultOutcome {
     pub worst_gap_ms: u64,
     /// Failed requests sent in that window (all streams, excluded ones not counted).
     pub failed: u64,
+    /// A crash or link flap: from the fault until every other speaker had declared the
+    /// node's speaker dead (and steered new connections away from its pods); `None` if one
+    /// did not within the fault.
+    #[serde(default)]
+    pub detected_ms: Option<u64>,
     pub note: String,
 }
 
@@ -644,23 +649,106 @@ pub async fn run(paths: &Paths, c: &Chaos) -> Result<Outcome> {
         let r: Report = serde_json::from_slice(&out.stdout).context("reading a load report")?;
         reports.push((svc.clone(), policy.clone(), *ip, r));
     }
-    Ok(outcome(c, schedule, &done, &reports, &summary, address_changes, &macs, start_ms))
+    let nodes: BTreeSet<String> = macs.values().cloned().collect();
+    let died = deaths(paths, &nodes.into_iter().collect::<Vec<_>>());
+    Ok(outcome(c, schedule, &done, &reports, &summary, address_changes, &macs, &died, start_ms))
 }
 
-/// The crashes' windows in which a Cluster service's failures are the dead pods' (from the
-/// address's move, or the crash when the node did not announce it, to the node's return).
-fn excluded_windows(ip: IpAddr, done: &[Done], s: &Summary, macs: &BTreeMap<String, String>) -> Vec<(u64, u64)> {
+/// A speaker's log line saying that it declared another node's speaker dead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Death {
+    pub at_ms: u64,
+    pub observer: String,
+    pub node: String,
+}
+
+/// What the speakers logged about deaths (`speaker died ... node=NAME`), from every speaker
+/// log of every node (a restarted speaker appends to its pod's log).
+pub fn deaths(paths: &Paths, nodes: &[String]) -> Vec<Death> {
+    let mut out = Vec::new();
+    for observer in nodes {
+        let Ok(pods) = std::fs::read_dir(paths.node_dir(observer).join("pods")) else { continue };
+        for pod in pods.flatten() {
+            let Ok(text) = std::fs::read_to_string(pod.path().join("speaker.log")) else { continue };
+            out.extend(text.lines().filter_map(|l| death_line(observer, l)));
+        }
+    }
+    out.sort_by_key(|d| d.at_ms);
+    out
+}
+
+/// One log line, colours and all, read as a [`Death`].
+fn death_line(observer: &str, line: &str) -> Option<Death> {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An SGR sequence: ESC [ ... m
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    if !plain.contains("speaker died") {
+        return None;
+    }
+    let stamp = plain.split_whitespace().next()?;
+    let at = time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339).ok()?;
+    let node = plain.split_whitespace().find_map(|w| w.strip_prefix("node="))?;
+    Some(Death {
+        at_ms: u64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()?,
+        observer: observer.to_string(),
+        node: node.to_string(),
+    })
+}
+
+/// When every other speaker had declared `d`'s node dead (each one's first word within the
+/// fault; `None` if one never did).
+fn detected(d: &Done, deaths: &[Death], observers: &[String]) -> Option<u64> {
+    let node = d.node.as_deref()?;
+    observers
+        .iter()
+        .filter(|o| o.as_str() != node)
+        .map(|o| {
+            deaths
+                .iter()
+                .find(|x| &x.observer == o && x.node == node && x.at_ms >= d.start_ms && x.at_ms <= d.end_ms)
+                .map(|x| x.at_ms)
+        })
+        .collect::<Option<Vec<u64>>>()?
+        .into_iter()
+        .max()
+}
+
+/// The windows in which a Cluster service's failures are excused: requests sent to the pods of
+/// a crashed or cut-off node before its death was detected. From the fault (or, when the node
+/// announced the address, from the address's move: until then every failure counts, it is the
+/// gap) to the detection; after it, the data plane steers new connections away from the
+/// node's pods, so every failure counts again.
+fn excluded_windows(
+    ip: IpAddr,
+    done: &[Done],
+    s: &Summary,
+    macs: &BTreeMap<String, String>,
+    deaths: &[Death],
+    observers: &[String],
+) -> Vec<(u64, u64)> {
     done.iter()
-        .filter(|d| d.kind == Kind::Crash)
-        .map(|d| {
+        .filter(|d| matches!(d.kind, Kind::Crash | Kind::LinkFlap))
+        .filter_map(|d| {
             let node = d.node.clone().unwrap_or_default();
+            let until = detected(d, deaths, observers).unwrap_or(d.end_ms);
             let moved = s
                 .changes
                 .iter()
                 .filter(|ch| ch.ip == ip && macs.get(&ch.from) == Some(&node))
                 .map(|ch| ch.at_us / 1000)
                 .find(|at| *at >= d.start_ms && *at <= d.end_ms);
-            // Did the node announce it when it crashed? Its last run before the crash says.
+            // Did the node announce it when the fault came? Its last run before says.
             let announced = s.runs.iter().any(|r| {
                 r.ip == ip
                     && macs.get(&r.mac) == Some(&node)
@@ -668,12 +756,12 @@ fn excluded_windows(ip: IpAddr, done: &[Done], s: &Summary, macs: &BTreeMap<Stri
                     && r.last_us / 1000 + 50 >= d.start_ms
             });
             let from = match (moved, announced) {
-                (Some(at), _) => at,
-                (None, false) => d.start_ms,
+                (_, false) => d.start_ms,
+                (Some(at), true) => at,
                 // Announced and never moved: every failure counts.
-                (None, true) => d.end_ms,
+                (None, true) => return None,
             };
-            (from, d.end_ms)
+            (from < until).then_some((from, until))
         })
         .collect()
 }
@@ -687,15 +775,18 @@ fn outcome(
     s: &Summary,
     address_changes: Vec<AddressChange>,
     macs: &BTreeMap<String, String>,
+    deaths: &[Death],
     start_ms: u64,
 ) -> Outcome {
     let rel = |ms: u64| ms.saturating_sub(start_ms) as f64 / 1000.0;
+    let observers: Vec<String> = macs.values().cloned().collect::<BTreeSet<_>>().into_iter().collect();
     let mut streams = Vec::new();
     // Per stream: (answered unix ms, failed-and-counted sent unix ms).
     let mut answered: Vec<Vec<u64>> = Vec::new();
     let mut counted_failures: Vec<Vec<u64>> = Vec::new();
     for (svc, policy, ip, r) in reports {
-        let windows = if policy == "Cluster" { excluded_windows(*ip, done, s, macs) } else { Vec::new() };
+        let windows =
+            if policy == "Cluster" { excluded_windows(*ip, done, s, macs, deaths, &observers) } else { Vec::new() };
         let mut excluded = 0;
         let mut ok = Vec::new();
         let mut bad = Vec::new();
@@ -747,6 +838,10 @@ fn outcome(
                 duration_s: (d.end_ms - d.start_ms) as f64 / 1000.0,
                 worst_gap_ms: gap_in(d.start_ms, to),
                 failed: counted_failures.iter().flatten().filter(|t| **t >= d.start_ms && **t <= to).count() as u64,
+                detected_ms: matches!(d.kind, Kind::Crash | Kind::LinkFlap)
+                    .then(|| detected(d, deaths, &observers))
+                    .flatten()
+                    .map(|t| t.saturating_sub(d.start_ms)),
                 note: d.note.clone(),
             }
         })
@@ -812,7 +907,7 @@ fn outcome(
 /// The outcome for people: the tables README shows.
 pub fn describe(o: &Outcome) -> String {
     let mut s = format!(
-        "chaos: {:.0} s, seed {}, {} faults\n\n| stream | requests | failed | excluded (crashed node's pods) | longest gap |\n|---|---:|---:|---:|---:|\n",
+        "chaos: {:.0} s, seed {}, {} faults\n\n| stream | requests | failed | excluded (a dead node's pods, before detection) | longest gap |\n|---|---:|---:|---:|---:|\n",
         o.seconds,
         o.seed,
         o.faults.len()
@@ -824,7 +919,7 @@ pub fn describe(o: &Outcome) -> String {
         ));
     }
     s.push_str(&format!(
-        "| **all** | {} | {} | {} | {} ms |\n\nsuccess {:.3} % (excluding {} requests to a crashed node's pods)\n",
+        "| **all** | {} | {} | {} | {} ms |\n\nsuccess {:.3} % (excluding {} requests to a crashed or cut-off node's pods before its death was detected)\n",
         o.requests, o.failed, o.excluded, o.longest_gap_ms, o.success_pct, o.excluded
     ));
     s.push_str("\n| fault kind | times | worst gap | failed |\n|---|---:|---:|---:|\n");
@@ -863,8 +958,9 @@ pub fn describe(o: &Outcome) -> String {
     }
     s.push_str("faults:\n");
     for f in &o.faults {
+        let detected = f.detected_ms.map(|ms| format!(", detected in {ms} ms")).unwrap_or_default();
         s.push_str(&format!(
-            "  {:7.1} s {:<17} {:<7} {:5.1} s  worst gap {} ms, failed {}: {}\n",
+            "  {:7.1} s {:<17} {:<7} {:5.1} s  worst gap {} ms, failed {}{detected}: {}\n",
             f.at_s,
             f.kind.name(),
             f.node.as_deref().unwrap_or(""),
@@ -887,6 +983,15 @@ mod tests {
 
     fn nodes() -> Vec<String> {
         vec!["node-1".into(), "node-2".into(), "node-3".into()]
+    }
+
+    #[test]
+    fn a_speakers_death_line_is_read_with_its_colours() {
+        let line = "\u{1b}[2m2026-12-07T01:02:03.456789Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m \u{1b}[2mferrolb_speaker::membership\u{1b}[0m\u{1b}[2m:\u{1b}[0m speaker died (suspected, then declared down): new connections avoid its node's endpoints \u{1b}[3mnode\u{1b}[0m\u{1b}[2m=\u{1b}[0mnode-2";
+        let d = death_line("node-1", line).unwrap();
+        assert_eq!(d, Death { at_ms: 1_796_605_323_456, observer: "node-1".into(), node: "node-2".into() });
+        assert!(death_line("node-1", "2026-12-07T01:02:03Z INFO membership changed").is_none());
+        assert!(death_line("node-1", "garbage speaker died").is_none());
     }
 
     #[test]
