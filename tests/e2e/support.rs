@@ -181,6 +181,7 @@ pub fn run_suite(suite: &str, cases: &[Case]) -> std::process::ExitCode {
         println!("warning: initial down: {e:#}");
     }
     let (passed, failed) = run_cases(&lab, cases);
+    keep_lab_logs(suite);
     let _ = output("pkill", &["-f", "ferrolb-controller --identity="]);
     let _ = output(lab.bin(), &["down"]);
     let verdict = if failed == 0 { "ok" } else { "FAILED" };
@@ -189,6 +190,24 @@ pub fn run_suite(suite: &str, cases: &[Case]) -> std::process::ExitCode {
         start.elapsed().as_secs_f64()
     );
     if failed == 0 { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
+}
+
+/// Copies the lab's logs (control plane, node agents, every pod's) to
+/// `$TMPDIR/ferrolb-e2e-SUITE-lab/` before the lab goes down, for whoever reads a failure (or a
+/// figure) later.
+fn keep_lab_logs(suite: &str) {
+    let to = std::env::temp_dir().join(format!("ferrolb-e2e-{suite}-lab"));
+    let _ = std::fs::remove_dir_all(&to);
+    if std::fs::create_dir_all(&to).is_err() {
+        return;
+    }
+    for part in ["logs", "nodes"] {
+        let from = std::path::Path::new("/run/ferrolb-lab").join(part);
+        if from.exists() {
+            let _ = output("cp", &["-r", &from.to_string_lossy(), &to.to_string_lossy()]);
+        }
+    }
+    println!("the lab's logs are kept in {}", to.display());
 }
 
 /// Runs cases in order, printing libtest-style lines; (passed, failed).

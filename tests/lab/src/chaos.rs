@@ -263,6 +263,11 @@ pub struct Outcome {
     pub overlap_list: Vec<(f64, IpAddr, String, String, f64)>,
     pub address_changes: Vec<AddressChange>,
     pub announcer_changes: Vec<AnnouncerChange>,
+    /// Deaths a speaker declared that no fault explains (false suspicions: seconds from the
+    /// start, observer, node). A crash, a speaker kill or a link flap of that node, or a link
+    /// flap of the observer (cut off, it sees every peer die), explains one until 3 s after it.
+    #[serde(default)]
+    pub false_deaths: Vec<(f64, String, String)>,
     pub probe_requests: u64,
     pub probe_replies: u64,
 }
@@ -901,7 +906,29 @@ fn outcome(
         announcer_changes,
         probe_requests: s.requests,
         probe_replies: s.replies,
+        false_deaths: false_deaths(done, deaths)
+            .into_iter()
+            .filter(|d| d.at_ms >= start_ms)
+            .map(|d| (rel(d.at_ms), d.observer, d.node))
+            .collect(),
     }
+}
+
+/// The deaths no fault explains (see [`Outcome::false_deaths`]).
+fn false_deaths(done: &[Done], deaths: &[Death]) -> Vec<Death> {
+    deaths
+        .iter()
+        .filter(|x| {
+            !done.iter().any(|d| {
+                let node = d.node.as_deref();
+                let of_node =
+                    node == Some(x.node.as_str()) && matches!(d.kind, Kind::Crash | Kind::SpeakerKill | Kind::LinkFlap);
+                let cut_off = node == Some(x.observer.as_str()) && d.kind == Kind::LinkFlap;
+                (of_node || cut_off) && x.at_ms >= d.start_ms && x.at_ms <= d.end_ms + 3000
+            })
+        })
+        .cloned()
+        .collect()
 }
 
 /// The outcome for people: the tables README shows.
@@ -944,6 +971,13 @@ pub fn describe(o: &Outcome) -> String {
     ));
     for (at, ip, a, b, ms) in &o.overlap_list {
         s.push_str(&format!("  {at:7.1} s {ip:<16} {a} and {b} both answering for {ms:.1} ms\n"));
+    }
+    s.push_str(&format!(
+        "false deaths (declared with no crash, kill or flap to explain them): {}\n",
+        o.false_deaths.len()
+    ));
+    for (at, observer, node) in &o.false_deaths {
+        s.push_str(&format!("  {at:7.1} s {observer} declared {node} dead\n"));
     }
     s.push_str(&format!("address changes: {}\n", o.address_changes.len()));
     for a in &o.address_changes {
