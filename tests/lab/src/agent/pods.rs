@@ -611,7 +611,11 @@ impl Worker {
 
     async fn post_status(&mut self) {
         let status = self.status();
-        if self.last_status.as_ref() == Some(&status) {
+        // Posted already, and the API server still says so. Someone else can change it: after
+        // missed heartbeats (an API server outage) the node lifecycle controller marks every pod
+        // of the node not Ready, and only the kubelet's next post makes them Ready again (the
+        // kubelet's status manager compares with the API server's copy, as this does).
+        if self.last_status.as_ref() == Some(&status) && ready_of(self.pod.status.as_ref()) == ready_in(&status) {
             return;
         }
         let patch = json!({ "status": status });
@@ -732,4 +736,32 @@ fn container_env(c: &Container, pod: &Pod, ips: &[IpAddr], host: &Host) -> Vec<(
         }
     }
     out
+}
+
+/// The `Ready` condition's status in a pod's status from the API server.
+fn ready_of(status: Option<&k8s_openapi::api::core::v1::PodStatus>) -> Option<String> {
+    status?.conditions.as_ref()?.iter().find(|c| c.type_ == "Ready").map(|c| c.status.clone())
+}
+
+/// The `Ready` condition's status in a status this agent posts.
+fn ready_in(status: &Value) -> Option<String> {
+    status["conditions"].as_array()?.iter().find(|c| c["type"] == "Ready")?["status"].as_str().map(String::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_condition_is_read_from_both_sides() {
+        let ours =
+            json!({"conditions": [{"type": "Initialized", "status": "True"}, {"type": "Ready", "status": "True"}]});
+        assert_eq!(ready_in(&ours).as_deref(), Some("True"));
+        let api: k8s_openapi::api::core::v1::PodStatus =
+            serde_json::from_value(json!({"conditions": [{"type": "Ready", "status": "False"}]})).unwrap();
+        // The node lifecycle controller marked it not Ready: the two differ, so it is posted again.
+        assert_eq!(ready_of(Some(&api)).as_deref(), Some("False"));
+        assert_ne!(ready_of(Some(&api)), ready_in(&ours));
+        assert_eq!(ready_of(None), None);
+    }
 }
