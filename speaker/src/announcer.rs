@@ -209,7 +209,8 @@ fn handovers(
 }
 
 /// The addresses this node wins but waits for (see [`MOVE_GRACE`]): won by rank from an
-/// announcer (`last_all`) that is alive (in `others`) and would still win without us. `deferred`
+/// announcer (`last_all`, else the winner without us) that is alive (in `others`) and would
+/// still win without us. `deferred`
 /// keeps when each wait ends and from whom; what no longer waits leaves it.
 #[allow(clippy::too_many_arguments)]
 fn planned_moves(
@@ -234,8 +235,11 @@ fn planned_moves(
         if a.node != s.node || mine.contains_key(ip) {
             continue;
         }
-        let Some(prev) = deferred.get(ip).map(|(_, p)| p).or_else(|| last_all.get(ip)).cloned() else { continue };
         let without_me = without_me.get_or_insert_with(|| caches.elect(s, others));
+        // Who announces it now: as the last pass saw it, or, when that pass knew nothing of it
+        // (a restarted speaker's first passes saw no peer yet), who would without us.
+        let prev = deferred.get(ip).map(|(_, p)| p).or_else(|| last_all.get(ip)).cloned();
+        let Some(prev) = prev.or_else(|| without_me.get(ip).map(|w| w.node.clone())) else { continue };
         if prev == s.node || !others.contains(&prev) || without_me.get(ip).is_none_or(|w| w.node != prev) {
             deferred.remove(ip);
             continue;

@@ -26,11 +26,13 @@
 
 pub mod wire;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant as TokioInstant;
 
 use foca::{Config, Foca, OwnedNotification, PostcardCodec, Timer};
 use rand::rngs::StdRng;
@@ -173,6 +175,13 @@ enum Input {
     Cmd(Cmd),
 }
 
+/// How long a node whose speaker came back after a death stays avoided: a crashed node's
+/// pods start again after its speaker, and its EndpointSlices still say what they said before
+/// the crash until its kubelet reports the restarted pods (not ready, then ready). A node whose
+/// pods never stopped (its speaker was killed, its link flapped) only gets new connections
+/// back this much later.
+pub const RETURN_HOLD: Duration = Duration::from_secs(2);
+
 /// Which nodes' speakers died rather than left. A speaker that stops on SIGTERM leaves: it
 /// says so and is declared down at once; its node (and its pods) may well be fine, in an
 /// upgrade say. A speaker whose node crashed or was cut off falls silent: it is suspected
@@ -183,6 +192,8 @@ pub struct Deaths {
     /// Nodes suspected at the last look, by name.
     suspected: BTreeSet<String>,
     died: BTreeSet<String>,
+    /// Nodes back from a death, and since when (see [`RETURN_HOLD`]).
+    back: BTreeMap<String, TokioInstant>,
 }
 
 impl Deaths {
@@ -194,6 +205,7 @@ impl Deaths {
     /// `node`'s member was declared down; `believed`: it counted as alive until now. True when
     /// that is a death; a member that left clears its node.
     pub fn down(&mut self, node: &str, believed: bool) -> bool {
+        self.back.remove(node);
         if believed && self.suspected.contains(node) {
             self.died.insert(node.to_string())
         } else {
@@ -202,15 +214,24 @@ impl Deaths {
         }
     }
 
-    /// `node` has a member up again.
-    pub fn up(&mut self, node: &str) {
-        self.died.remove(node);
+    /// `node` has a member up again, at `now`.
+    pub fn up(&mut self, node: &str, now: TokioInstant) {
+        if self.died.remove(node) {
+            self.back.insert(node.to_string(), now);
+        }
     }
 
-    /// The dead: those that died and have no live member (a restarted speaker's new self can
-    /// join before its old self is declared down).
-    pub fn dead(&self, alive: &BTreeSet<String>) -> BTreeSet<String> {
-        self.died.difference(alive).cloned().collect()
+    /// The nodes to avoid at `now`: those that died and have no live member (a restarted
+    /// speaker's new self can join before its old self is declared down), and those back from
+    /// a death for less than [`RETURN_HOLD`].
+    pub fn dead(&mut self, alive: &BTreeSet<String>, now: TokioInstant) -> BTreeSet<String> {
+        self.back.retain(|_, since| now < *since + RETURN_HOLD);
+        self.died.difference(alive).cloned().chain(self.back.keys().cloned()).collect()
+    }
+
+    /// When the next hold ends, if one runs.
+    pub fn next_change(&self) -> Option<TokioInstant> {
+        self.back.values().min().map(|since| *since + RETURN_HOLD)
     }
 }
 
@@ -285,6 +306,8 @@ pub async fn start(settings: Settings) -> std::io::Result<Handle> {
                     nodes_open = r.is_ok();
                     None
                 }
+                // A node's hold after its return ends (see Deaths).
+                _ = tokio::time::sleep_until(deaths.next_change().unwrap_or_else(TokioInstant::now)), if deaths.next_change().is_some() => None,
                 else => return,
             };
             let result = match input {
@@ -322,7 +345,7 @@ pub async fn start(settings: Settings) -> std::io::Result<Handle> {
             while let Some(n) = runtime.to_notify() {
                 match n {
                     OwnedNotification::MemberUp(m) => {
-                        deaths.up(&m.node);
+                        deaths.up(&m.node, TokioInstant::now());
                         members.insert(m);
                     }
                     OwnedNotification::MemberDown(m) => {
@@ -348,7 +371,7 @@ pub async fn start(settings: Settings) -> std::io::Result<Handle> {
                     .collect(),
             );
             let names = alive_names(foca.identity(), &members, nodes.borrow().as_ref());
-            let gone = deaths.dead(&names);
+            let gone = deaths.dead(&names, TokioInstant::now());
             if *alive_tx.borrow() != names {
                 tracing::info!(alive = ?names, "membership changed");
                 alive_tx.send_replace(names);
@@ -495,27 +518,38 @@ mod tests {
     #[test]
     fn only_a_suspected_member_going_down_is_a_death() {
         let alive = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<BTreeSet<String>>();
+        let t0 = TokioInstant::now();
         let mut d = Deaths::default();
         // Left without suspicion: no death.
         assert!(!d.down("b", true));
-        // Suspected, then down: a death, until a member of the node is up again.
+        // Suspected, then down: a death; back, it stays avoided for RETURN_HOLD.
         d.suspects(alive(&["c"]));
         assert!(d.down("c", true));
-        assert_eq!(d.dead(&alive(&["a"])), alive(&["c"]));
-        d.up("c");
-        assert!(d.dead(&alive(&["a"])).is_empty());
+        assert_eq!(d.dead(&alive(&["a"]), t0), alive(&["c"]));
+        d.up("c", t0);
+        assert_eq!(d.dead(&alive(&["a", "c"]), t0), alive(&["c"]));
+        assert_eq!(d.next_change(), Some(t0 + RETURN_HOLD));
+        assert!(d.dead(&alive(&["a", "c"]), t0 + RETURN_HOLD).is_empty());
+        assert_eq!(d.next_change(), None);
         // A restarted speaker's new self joined before its old self was declared down: the
         // node is alive, so not dead; if that new self leaves cleanly later, still not dead.
         d.suspects(alive(&["d"]));
+        d.up("d", t0);
         assert!(d.down("d", true));
-        assert!(d.dead(&alive(&["a", "d"])).is_empty());
+        assert!(d.dead(&alive(&["a", "d"]), t0).is_empty());
         d.suspects(BTreeSet::new());
         assert!(!d.down("d", true));
-        assert!(d.dead(&alive(&["a"])).is_empty());
+        assert!(d.dead(&alive(&["a"]), t0).is_empty());
+        // Dead again while held: dead, not held.
+        d.suspects(alive(&["c"]));
+        assert!(d.down("c", true));
+        d.up("c", t0);
+        assert!(d.down("c", true));
+        assert_eq!(d.dead(&alive(&["a"]), t0 + RETURN_HOLD), alive(&["c"]));
         // Never believed (a member at a wrong address): no death.
         d.suspects(alive(&["e"]));
         assert!(!d.down("e", false));
-        assert!(d.dead(&alive(&["a"])).is_empty());
+        assert!(!d.dead(&alive(&["a"]), t0).contains("e"));
     }
 
     #[tokio::test]
