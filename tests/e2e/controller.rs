@@ -323,8 +323,13 @@ fn pool_edit(lab: &Lab) -> Result<()> {
 fn metrics(_lab: &Lab) -> Result<()> {
     let guard = main_controller();
     let c = guard.as_ref().context("no controller")?;
-    let m = c.metrics()?;
-    ensure!(m.contains("ferrolb_allocator_addresses_total{pool=\"lan\"} 102"), "metrics:\n{m}");
+    // The case before edits the pool and puts it back: the gauge follows within a sync.
+    let want = "ferrolb_allocator_addresses_total{pool=\"lan\"} 102";
+    let m = wait_for("the pool's 102 addresses in the metrics", Duration::from_secs(10), || {
+        let m = c.metrics()?;
+        Ok(m.contains(want).then_some(m))
+    })
+    .with_context(|| format!("metrics:\n{}", c.metrics().unwrap_or_default()))?;
     ensure!(m.contains("ferrolb_allocator_addresses_in_use_total{pool=\"lan\"}"), "metrics:\n{m}");
     ensure!(m.contains("ferrolb_controller_is_leader 1"), "metrics:\n{m}");
     let ready = run(
