@@ -210,8 +210,8 @@ fn handovers(
 
 /// The addresses this node wins but waits for (see [`MOVE_GRACE`]): won by rank from an
 /// announcer (`last_all`, else the winner without us) that is alive (in `others`) and would
-/// still win without us. `deferred`
-/// keeps when each wait ends and from whom; what no longer waits leaves it.
+/// still win without us. `deferred` keeps when each wait ends and from whom; what no longer
+/// waits leaves it.
 #[allow(clippy::too_many_arguments)]
 fn planned_moves(
     caches: &Caches,
@@ -294,20 +294,10 @@ pub async fn run(
         secret: s.secret.clone(),
         nodes: nodes_rx,
         rejected: metrics.membership_rejected.clone(),
+        // Straight to the data plane, not through the loop below.
+        dead: s.avoid.clone(),
     })
     .await?;
-    if let Some(tx) = s.avoid.clone() {
-        // At once, not at the next pass of the loop below.
-        let mut dead = members.dead.clone();
-        tokio::spawn(async move {
-            loop {
-                tx.send_replace(dead.borrow_and_update().clone());
-                if dead.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
     caches.ready().await?;
     let publish_nodes = |addrs: membership::NodeAddrs| {
         nodes_tx.send_if_modified(|n| {

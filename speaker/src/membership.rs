@@ -83,6 +83,9 @@ pub struct Settings {
     pub nodes: watch::Receiver<Option<NodeAddrs>>,
     /// Where dropped packets are counted, by reason.
     pub rejected: RejectedPackets,
+    /// Where the dead nodes ([`Handle::dead`]) are published, if someone else (the data plane)
+    /// reads them too; a channel of its own otherwise.
+    pub dead: Option<Arc<watch::Sender<BTreeSet<String>>>>,
 }
 
 /// Suspicion before a silent member is declared down, at a few members.
@@ -255,7 +258,8 @@ pub async fn start(settings: Settings) -> std::io::Result<Handle> {
         identity.addr = local_addr;
     }
     let (alive_tx, alive) = watch::channel(BTreeSet::from([identity.node.clone()]));
-    let (dead_tx, dead) = watch::channel(BTreeSet::new());
+    let dead_tx = settings.dead.clone().unwrap_or_else(|| Arc::new(watch::channel(BTreeSet::new()).0));
+    let dead = dead_tx.subscribe();
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(16);
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Input>();
     let mut rng: StdRng = rand::make_rng();
@@ -450,6 +454,7 @@ mod tests {
             secret: secret.map(<[u8]>::to_vec),
             nodes,
             rejected,
+            dead: None,
         })
         .await
         .unwrap()

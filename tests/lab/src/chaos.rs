@@ -654,9 +654,13 @@ pub async fn run(paths: &Paths, c: &Chaos) -> Result<Outcome> {
         let r: Report = serde_json::from_slice(&out.stdout).context("reading a load report")?;
         reports.push((svc.clone(), policy.clone(), *ip, r));
     }
-    let nodes: BTreeSet<String> = macs.values().cloned().collect();
-    let died = deaths(paths, &nodes.into_iter().collect::<Vec<_>>());
+    let died = deaths(paths, &node_names(&macs));
     Ok(outcome(c, schedule, &done, &reports, &summary, address_changes, &macs, &died, start_ms))
+}
+
+/// The nodes of a MAC → node map, sorted, each once.
+fn node_names(macs: &BTreeMap<String, String>) -> Vec<String> {
+    macs.values().cloned().collect::<BTreeSet<_>>().into_iter().collect()
 }
 
 /// A speaker's log line saying that it declared another node's speaker dead.
@@ -784,7 +788,7 @@ fn outcome(
     start_ms: u64,
 ) -> Outcome {
     let rel = |ms: u64| ms.saturating_sub(start_ms) as f64 / 1000.0;
-    let observers: Vec<String> = macs.values().cloned().collect::<BTreeSet<_>>().into_iter().collect();
+    let observers = node_names(macs);
     let mut streams = Vec::new();
     // Per stream: (answered unix ms, failed-and-counted sent unix ms).
     let mut answered: Vec<Vec<u64>> = Vec::new();
