@@ -65,7 +65,7 @@ bench-speaker: deps k8s-bins
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p ferrolb-e2e --bench speaker
 
-## bench-dataplane: ferrolb's data plane beside kube-proxy's nftables mode at 10, 1,000 and 10,000 services (brings up its own lab).
+## bench-dataplane: ferrolb's data plane beside kube-proxy's nftables mode at 10, 1,000, 10,000 and 50,000 services: cold and warm full syncs, one-endpoint and one-service updates, RSS, first packet (its own lab; BENCH_STAGES, BENCH_KUBE_PROXY_BOUND).
 bench-dataplane: deps k8s-bins
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p ferrolb-e2e --bench dataplane
