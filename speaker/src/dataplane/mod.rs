@@ -17,6 +17,7 @@ pub mod handover;
 pub mod healthcheck;
 pub mod metrics;
 pub mod model;
+pub mod nft;
 pub mod render;
 pub mod runner;
 pub mod source;

@@ -38,51 +38,32 @@
 //! state. The price: learned session-affinity entries are forgotten on a full sync (at start and
 //! after a failure), not on partial syncs.
 
+//!
+//! The parts: [`base`] (global sets, base chains), [`services`] (one Service's objects),
+//! [`slots`] (where ports' endpoints sit in the endpoint maps), all as values of
+//! [`super::nft`], which renders them.
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
-use std::net::IpAddr;
 
-use ipnetwork::IpNetwork;
-use sha2::{Digest, Sha256};
+use super::model::{Family, Model, ServiceKey};
+use super::nft::{self, Element, Op, SetKind, Transaction};
 
-use super::model::{Endpoint, Family, Mode, Model, PortModel, Protocol, ServiceKey, ServiceModel};
+pub mod base;
+#[cfg(test)]
+mod equivalence;
+#[doc(hidden)]
+pub mod fixtures;
+#[cfg(test)]
+mod legacy;
+pub mod services;
+pub mod slots;
 
-/// The table name, in both the `ip` and the `ip6` family.
-pub const TABLE: &str = "ferrolb";
-
-/// The packet mark bit that asks `nat-postrouting` to masquerade: kube-proxy's bit, which CNIs
-/// already keep clear of.
-pub const MASQUERADE_MARK: u32 = 0x4000;
-
-const SERVICE_IPS: &str = "service-ips";
-const SERVICE_NODEPORTS: &str = "service-nodeports";
-const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
-const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
-const FIREWALL_IPS: &str = "firewall-ips";
-const CLUSTER_IPS: &str = "cluster-ips";
-const NODE_IPS: &str = "node-ips";
-const POD_CIDRS: &str = "pod-cidrs";
-const HAIRPIN: &str = "hairpin";
-/// Endpoint maps are named `endpoints-PROTO-XX`, `XX` from the service port's hash.
-const ENDPOINTS: &str = "endpoints";
-
-const REJECT: &str = "goto reject-chain";
-
-/// Test hook, for the lab only: `FERROLB_FAULT_REJECT_SERVICE=namespace/name` in the speaker's
-/// environment (read once, at the first render) gives that Service a chain holding
-/// [`FAULT_RULE`], which `nft` refuses, so that tests can watch a refused Service being left out
-/// while the rest is applied. Unset in any real deployment.
-pub const FAULT_REJECT_SERVICE_ENV: &str = "FERROLB_FAULT_REJECT_SERVICE";
-
-/// Not a rule: `nft` stops at it with a syntax error.
-const FAULT_RULE: &str = "ferrolb-fault-hook-refuse-this";
-
-static FAULT_REJECT_SERVICE: std::sync::LazyLock<Option<ServiceKey>> = std::sync::LazyLock::new(|| {
-    let v = std::env::var(FAULT_REJECT_SERVICE_ENV).ok()?;
-    let (namespace, name) = v.trim().split_once('/')?;
-    Some(ServiceKey::new(namespace, name))
-});
-const DROP: &str = "drop";
+pub use super::nft::{COMMENT_MAX, TABLE};
+pub use base::MASQUERADE_MARK;
+use base::{Context, GlobalSet};
+pub use services::FAULT_REJECT_SERVICE_ENV;
+use services::{ChainKind, EndpointMap, ServiceChain, ServicePlan, ServiceRules, Verdict};
+use slots::Slots;
 
 /// A transaction that rebuilds the whole table for `model`, atomically.
 ///
@@ -103,70 +84,109 @@ pub fn render_create(model: &Model) -> String {
     render_table(model, false)
 }
 
+/// Every Service of a model, rendered, with what they share settled.
+struct Whole<'m> {
+    rules: BTreeMap<&'m ServiceKey, ServiceRules>,
+    /// `(set, key) -> verdict`: the first Service (by key) to claim a key keeps it.
+    elements: BTreeMap<(GlobalSet, String), Option<Verdict>>,
+    /// Endpoint map -> its elements.
+    buckets: BTreeMap<EndpointMap, BTreeSet<String>>,
+    slots: Slots,
+}
+
+impl<'m> Whole<'m> {
+    fn of(ctx: &Context, model: &'m Model) -> Self {
+        let mut slots = Slots::default();
+        let mut rules = BTreeMap::new();
+        let mut elements = BTreeMap::new();
+        let mut buckets: BTreeMap<EndpointMap, BTreeSet<String>> = BTreeMap::new();
+        for (key, svc) in &model.services {
+            let r = ServicePlan::new(ctx, key, svc).render(ctx, |id, request| slots.place(id, request));
+            for c in &r.claims {
+                elements.entry((c.set, c.key.clone())).or_insert_with(|| c.verdict.clone());
+            }
+            for (map, entry) in &r.entries {
+                buckets.entry(*map).or_default().insert(entry.clone());
+            }
+            rules.insert(key, r);
+        }
+        Self { rules, elements, buckets, slots }
+    }
+
+    fn set_elements(&self, ctx: &Context, set: GlobalSet) -> Vec<Element<'_>> {
+        match set {
+            GlobalSet::NodeIps => ctx.node_ip_elements(),
+            GlobalSet::PodCidrs => ctx.pod_cidr_elements(),
+            _ => self
+                .elements
+                .range((set, String::new())..)
+                .take_while(|((s, _), _)| *s == set)
+                .map(|((_, key), verdict)| element(key, verdict.as_ref()))
+                .collect(),
+        }
+    }
+}
+
+fn element<'a>(key: &'a str, verdict: Option<&Verdict>) -> Element<'a> {
+    match verdict {
+        Some(v) => Element::pair(key, v.to_string()),
+        None => Element::key(key),
+    }
+}
+
 fn render_table(model: &Model, replace: bool) -> String {
-    let f = Fam::of(model.family);
-    let mut services = Objects::default();
-    let mut elements = Elements::new();
-    let mut buckets = Buckets::new();
-    let mut slots = Slots::default();
-    for (key, svc) in &model.services {
-        build_service(model, key, svc, Some(&mut services), &mut elements, &mut buckets, &mut slots);
-    }
-    let mut lists: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    if model.mode == Mode::Full {
-        lists.entry(NODE_IPS).or_default().extend(model.nodeport_ips().iter().map(ToString::to_string));
-    }
-    lists.entry(POD_CIDRS).or_default().extend(model.local_pod_cidrs().into_iter().map(|n| canonical(n).to_string()));
-    for ((map, key), value) in &elements {
-        let element = if value.is_empty() { key.clone() } else { format!("{key} : {value}") };
-        lists.entry(map).or_default().push(element);
-    }
-
-    let mut out = String::new();
-    let t = f.table();
+    let ctx = Context::of(model);
+    let whole = Whole::of(&ctx, model);
+    let t = ctx.table();
+    let mut tx = Transaction::new(model.family);
     if replace {
-        line(&mut out, format_args!("add table {t}"));
-        line(&mut out, format_args!("delete table {t}"));
-        line(&mut out, format_args!("add table {t} {{ comment \"managed by ferrolb-speaker\" ; }}"));
-    } else {
-        line(&mut out, format_args!("add table {t} {{ comment \"managed by ferrolb-speaker\" ; }}"));
+        tx.push(Op::AddTable);
+        tx.push(Op::DeleteTable);
+    }
+    tx.push(Op::AddTableWithComment);
+
+    tx.push(Op::Heading("sets and maps (verdict maps are filled at the end)"));
+    for g in ctx.global_sets() {
+        let set = g.set(t);
+        let elements = if set.kind() == SetKind::Set { whole.set_elements(&ctx, g) } else { Vec::new() };
+        tx.add_set(set, elements);
+    }
+    let mut affinity = BTreeMap::new();
+    let mut chains = BTreeMap::new();
+    for r in whole.rules.values() {
+        affinity.extend(r.affinity_sets.iter());
+        chains.extend(r.chains.iter());
+    }
+    for set in affinity.into_values() {
+        tx.add_set(set, Vec::new());
+    }
+    for (map, list) in &whole.buckets {
+        tx.add_set(map.set(t), list.iter().map(|e| Element::key(e.as_str())).collect());
     }
 
-    out.push_str("\n# sets and maps (verdict maps are filled at the end)\n");
-    let sets = global_sets(model, &f);
-    for (name, spec) in &sets {
-        let kind = set_kind(spec);
-        let list = if kind == "set" { lists.get(name).map_or(&[][..], Vec::as_slice) } else { &[] };
-        declare(&mut out, &t, kind, name, spec, list);
-    }
-    for (name, spec) in &services.sets {
-        declare(&mut out, &t, "set", name, spec, &[]);
-    }
-    for (name, list) in &buckets {
-        let list: Vec<String> = list.iter().cloned().collect();
-        declare(&mut out, &t, "map", name, &f.endpoint_map_spec(name), &list);
-    }
-
-    out.push_str("\n# chains\n");
-    let base = base_chains(model, &f);
-    for (name, _, rules) in base.iter().filter(|(_, spec, _)| spec.is_empty()) {
-        chain_with_rules(&mut out, &t, name, "", rules);
+    tx.push(Op::Heading("chains"));
+    let base = ctx.base_chains();
+    for chain in base.iter().filter(|c| c.base.is_none()) {
+        tx.push(Op::AddChain(chain.into()));
     }
     // Service chains: the external ones jump to the others.
     for external in [false, true] {
-        for (name, chain) in services.chains.iter().filter(|(n, _)| n.starts_with("ext-") == external) {
-            chain_block(&mut out, &f, name, chain);
+        for c in chains.values().filter(|c| (c.kind == ChainKind::Ext) == external) {
+            tx.push(Op::AddChain((&c.chain).into()));
         }
     }
-    for (name, spec, rules) in base.iter().filter(|(_, spec, _)| !spec.is_empty()) {
-        chain_with_rules(&mut out, &t, name, spec, rules);
+    for chain in base.iter().filter(|c| c.base.is_some()) {
+        tx.push(Op::AddChain(chain.into()));
     }
 
-    out.push_str("\n# verdict map elements\n");
-    for (name, spec) in sets.iter().filter(|(_, spec)| set_kind(spec) == "map") {
-        set_block(&mut out, &t, "map", name, spec, lists.get(name).map_or(&[][..], Vec::as_slice));
+    tx.push(Op::Heading("verdict map elements"));
+    for g in ctx.global_sets() {
+        let set = g.set(t);
+        if set.kind() == SetKind::Map {
+            tx.add_elements(set, whole.set_elements(&ctx, g));
+        }
     }
-    out
+    tx.render()
 }
 
 /// What a partial sync does: a transaction to apply now, and the names of objects it left
@@ -190,8 +210,8 @@ pub struct PartialSync {
 /// A transaction that turns the table rendered for `prev` into the one for `next`, touching only
 /// what differs: chains and affinity sets of changed services are added or rewritten (flush,
 /// then re-add with their rules), map elements are deleted or added, endpoint maps and the
-/// node-address and pod-CIDR sets are refilled (flush, then re-add) when they changed. Chains and sets no longer used are emptied and
-/// reported, not deleted (see below).
+/// node-address and pod-CIDR sets are refilled (flush, then re-add) when they changed. Chains
+/// and sets no longer used are emptied and reported, not deleted (see below).
 ///
 /// It assumes the kernel holds what `prev` rendered (plus stale objects); after a failed
 /// transaction the caller must use [`render_full`]. A change of node, family, mode or service
@@ -206,133 +226,104 @@ pub struct PartialSync {
 /// deletions (a service, a port or its last endpoint going away) pay for the dump; chain and set
 /// deletions, and those of hairpin elements (harmless while they stay), are deferred.
 pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
+    let (old_ctx, ctx) = (Context::of(prev), Context::of(next));
     // The service CIDRs are in a base chain's rule: a rare change, made by a full sync.
-    if prev.node != next.node
-        || prev.family != next.family
-        || prev.mode != next.mode
-        || prev.service_cidrs_of_family() != next.service_cidrs_of_family()
-    {
+    if old_ctx.needs_rebuild(&ctx) {
         return PartialSync { now: render_full(next), full: true, ..PartialSync::default() };
     }
-    let f = Fam::of(next.family);
-    let t = f.table();
-
+    let t = ctx.table();
     // Elements are compared over all services: two services may claim the same address and port,
     // and which one wins must not depend on which of them changed. Slots are placed over all
     // services too.
-    let (mut old_elements, mut new_elements) = (Elements::new(), Elements::new());
-    let (mut old_buckets, mut new_buckets) = (Buckets::new(), Buckets::new());
-    let (mut old_slots, mut new_slots) = (Slots::default(), Slots::default());
-    for (model, elements, buckets, slots) in [
-        (prev, &mut old_elements, &mut old_buckets, &mut old_slots),
-        (next, &mut new_elements, &mut new_buckets, &mut new_slots),
-    ] {
-        for (key, svc) in &model.services {
-            build_service(model, key, svc, None, elements, buckets, slots);
-        }
-    }
-    // A service changed, or one whose endpoints moved to other keys (another one took its range):
-    // ids are `namespace/name/port/protocol`.
-    let moved: BTreeSet<&str> = old_slots
+    let (before, after) = (Whole::of(&old_ctx, prev), Whole::of(&ctx, next));
+    // A service changed, or one whose endpoints moved to other keys (another one took its range).
+    let moved: BTreeSet<&ServiceKey> = before
+        .slots
         .placed
         .iter()
-        .filter(|(id, slot)| new_slots.placed.get(*id).is_some_and(|s| s != *slot))
-        .filter_map(|(id, _)| id.rsplitn(3, '/').nth(2))
+        .filter(|(id, slot)| after.slots.placed.get(*id).is_some_and(|s| s != *slot))
+        .map(|(id, _)| &id.service)
         .collect();
     let changed: BTreeSet<&ServiceKey> = prev
         .services
         .keys()
         .chain(next.services.keys())
-        .filter(|k| {
-            prev.services.get(*k) != next.services.get(*k)
-                || (!moved.is_empty() && moved.contains(k.to_string().as_str()))
-        })
+        .filter(|k| prev.services.get(*k) != next.services.get(*k) || moved.contains(k))
         .collect();
-    let (mut old, mut new) = (Objects::default(), Objects::default());
-    for (model, objects, slots) in [(prev, &mut old, &mut old_slots), (next, &mut new, &mut new_slots)] {
-        for key in &changed {
-            if let Some(svc) = model.services.get(*key) {
-                build_service(model, key, svc, Some(&mut *objects), &mut Elements::new(), &mut Buckets::new(), slots);
-            }
-        }
-    }
+    let (old_chains, old_sets, _) = changed_objects(&before, &changed);
+    let (new_chains, new_sets, new_maps) = changed_objects(&after, &changed);
 
-    let mut body = String::new();
+    let mut body = Transaction::new(next.family);
     // Chains first, empty, so that rules may jump to any of them.
-    for (name, chain) in &new.chains {
-        if !old.chains.contains_key(name) {
-            add_chain(&mut body, &f, name, &chain.comment);
+    for (name, c) in &new_chains {
+        if !old_chains.contains_key(name) {
+            body.push(Op::DeclareChain((&c.chain).into()));
         }
     }
-    for (name, chain) in &new.chains {
-        match old.chains.get(name) {
-            Some(before) if before.rules == chain.rules => continue,
-            Some(_) => line(&mut body, format_args!("flush chain {t} {name}")),
+    for (name, c) in &new_chains {
+        match old_chains.get(name) {
+            Some(was) if was.chain.rules == c.chain.rules => continue,
+            Some(_) => body.push(Op::FlushChain(name.as_str().into())),
             None => {}
         }
-        chain_block(&mut body, &f, name, chain);
+        body.push(Op::AddChain((&c.chain).into()));
     }
     // Emptying doomed chains drops their references to other chains and to affinity sets.
-    let stale_chains: Vec<String> = old.chains.keys().filter(|n| !new.chains.contains_key(*n)).cloned().collect();
+    let stale_chains: Vec<String> =
+        old_chains.keys().filter(|n| !new_chains.contains_key(*n)).map(|n| (*n).clone()).collect();
     for name in &stale_chains {
-        line(&mut body, format_args!("flush chain {t} {name}"));
+        body.push(Op::FlushChain(name.as_str().into()));
     }
 
-    let sets = global_sets(next, &f);
-    let spec_of = |name: &str| sets.iter().find(|(n, _)| *n == name).map(|(_, spec)| spec.as_str());
-    if prev.nodeport_ips() != next.nodeport_ips() && next.mode == Mode::Full {
-        line(&mut body, format_args!("flush set {t} {NODE_IPS}"));
-        let ips: Vec<String> = next.nodeport_ips().iter().map(ToString::to_string).collect();
-        set_block(&mut body, &t, "set", NODE_IPS, spec_of(NODE_IPS).unwrap_or_default(), &ips);
+    if old_ctx.node_ips != ctx.node_ips && ctx.full() {
+        let set = GlobalSet::NodeIps.set(t);
+        body.push(Op::FlushSet(set.clone().into()));
+        body.add_elements(set, ctx.node_ip_elements());
     }
-    if prev.local_pod_cidrs() != next.local_pod_cidrs() {
-        line(&mut body, format_args!("flush set {t} {POD_CIDRS}"));
-        let nets: Vec<String> = next.local_pod_cidrs().into_iter().map(|n| canonical(n).to_string()).collect();
-        set_block(&mut body, &t, "set", POD_CIDRS, spec_of(POD_CIDRS).unwrap_or_default(), &nets);
+    if old_ctx.pod_cidrs != ctx.pod_cidrs {
+        let set = GlobalSet::PodCidrs.set(t);
+        body.push(Op::FlushSet(set.clone().into()));
+        body.add_elements(set, ctx.pod_cidr_elements());
     }
 
     let mut stale_hairpin = Vec::new();
-    for ((map, key), value) in &old_elements {
-        if new_elements.get(&(*map, key.clone())) != Some(value) {
-            if *map == HAIRPIN {
+    for ((set, key), verdict) in &before.elements {
+        if after.elements.get(&(*set, key.clone())) != Some(verdict) {
+            if *set == GlobalSet::Hairpin {
                 stale_hairpin.push(key.clone());
             } else {
-                line(&mut body, format_args!("delete element {t} {map} {{ {key} }}"));
+                body.push(Op::DeleteElement { set: set.name().into(), key: key.as_str().into() });
             }
         }
     }
-    let mut added: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for ((map, key), value) in &new_elements {
-        if old_elements.get(&(*map, key.clone())) != Some(value) {
-            let element = if value.is_empty() { key.clone() } else { format!("{key} : {value}") };
-            added.entry(map).or_default().push(element);
+    let mut added: BTreeMap<GlobalSet, Vec<Element<'_>>> = BTreeMap::new();
+    for ((set, key), verdict) in &after.elements {
+        if before.elements.get(&(*set, key.clone())) != Some(verdict) {
+            added.entry(*set).or_default().push(element(key, verdict.as_ref()));
         }
     }
-    for (map, elements) in added {
-        let spec = spec_of(map).unwrap_or_default();
-        set_block(&mut body, &t, set_kind(spec), map, spec, &elements);
+    for (set, elements) in added {
+        body.add_elements(set.set(t), elements);
     }
 
     // An endpoint map that changed is emptied and filled again (a flush needs no cache, element
     // deletions would); one emptied for good is left for the cleanup.
-    let mut stale_sets: Vec<String> = old.sets.keys().filter(|n| !new.sets.contains_key(*n)).cloned().collect();
-    let mut declare_maps = new.buckets.clone();
-    let names: BTreeSet<&String> = old_buckets.keys().chain(new_buckets.keys()).collect();
-    for name in names {
-        let (before, after) = (old_buckets.get(name), new_buckets.get(name));
-        if before == after {
+    let mut stale_sets: Vec<String> =
+        old_sets.keys().filter(|n| !new_sets.contains_key(*n)).map(|n| (*n).clone()).collect();
+    let mut declare_maps = new_maps;
+    let names: BTreeSet<&EndpointMap> = before.buckets.keys().chain(after.buckets.keys()).collect();
+    for map in names {
+        let (was, is) = (before.buckets.get(map), after.buckets.get(map));
+        if was == is {
             continue;
         }
-        declare_maps.insert(name.clone());
-        if before.is_some() {
-            line(&mut body, format_args!("flush map {t} {name}"));
+        declare_maps.insert(*map);
+        if was.is_some() {
+            body.push(Op::FlushSet(map.set(t).into()));
         }
-        match after {
-            Some(list) => {
-                let list: Vec<String> = list.iter().cloned().collect();
-                set_block(&mut body, &t, "map", name, &f.endpoint_map_spec(name), &list);
-            }
-            None => stale_sets.push(name.clone()),
+        match is {
+            Some(list) => body.add_elements(map.set(t), list.iter().map(|e| Element::key(e.as_str())).collect()),
+            None => stale_sets.push(map.name()),
         }
     }
     if body.is_empty() {
@@ -340,18 +331,33 @@ pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
     }
     // Declarations first: `nft` resolves `@set` references against them instead of reading the
     // kernel's sets. Re-adding an existing set with the same specification changes nothing.
-    let mut now = String::new();
-    for (name, spec) in &sets {
-        declare(&mut now, &t, set_kind(spec), name, spec, &[]);
+    let mut now = Transaction::new(next.family);
+    for g in ctx.global_sets() {
+        now.add_set(g.set(t), Vec::new());
     }
-    for (name, spec) in &new.sets {
-        declare(&mut now, &t, "set", name, spec, &[]);
+    for set in new_sets.into_values() {
+        now.add_set(set, Vec::new());
     }
-    for name in &declare_maps {
-        declare(&mut now, &t, "map", name, &f.endpoint_map_spec(name), &[]);
+    for map in &declare_maps {
+        now.add_set(map.set(t), Vec::new());
     }
-    now.push_str(&body);
-    PartialSync { now, full: false, stale_chains, stale_sets, stale_hairpin }
+    now.ops.extend(body.ops);
+    PartialSync { now: now.render(), full: false, stale_chains, stale_sets, stale_hairpin }
+}
+
+type Objects<'w> = (BTreeMap<&'w String, &'w ServiceChain>, BTreeMap<&'w String, &'w nft::Set>, BTreeSet<EndpointMap>);
+
+/// The chains, affinity sets and endpoint maps of the `changed` Services of `whole`.
+fn changed_objects<'w>(whole: &'w Whole<'_>, changed: &BTreeSet<&ServiceKey>) -> Objects<'w> {
+    let mut chains = BTreeMap::new();
+    let mut sets = BTreeMap::new();
+    let mut maps = BTreeSet::new();
+    for r in changed.iter().filter_map(|k| whole.rules.get(*k)) {
+        chains.extend(r.chains.iter());
+        sets.extend(r.affinity_sets.iter());
+        maps.extend(r.endpoint_maps.iter().copied());
+    }
+    (chains, sets, maps)
 }
 
 /// A transaction deleting the stale chains, sets and hairpin elements that `model` does not use
@@ -363,875 +369,55 @@ pub fn render_cleanup(
     stale_sets: &BTreeSet<String>,
     stale_hairpin: &BTreeSet<String>,
 ) -> String {
-    let t = Fam::of(model.family).table();
-    let mut used = Objects::default();
-    let mut elements = Elements::new();
-    let mut buckets = Buckets::new();
-    let mut slots = Slots::default();
-    for (key, svc) in &model.services {
-        build_service(model, key, svc, Some(&mut used), &mut elements, &mut buckets, &mut slots);
+    let ctx = Context::of(model);
+    let whole = Whole::of(&ctx, model);
+    let chains: BTreeSet<&String> = whole.rules.values().flat_map(|r| r.chains.keys()).collect();
+    let sets: BTreeSet<String> = whole
+        .rules
+        .values()
+        .flat_map(|r| r.affinity_sets.keys().cloned())
+        .chain(whole.buckets.keys().map(|m| m.name()))
+        .collect();
+    let mut tx = Transaction::new(model.family);
+    for name in stale_chains.iter().filter(|n| !chains.contains(n)) {
+        tx.push(Op::DeleteChain(name.as_str().into()));
     }
-    let mut out = String::new();
-    for name in stale_chains.iter().filter(|n| !used.chains.contains_key(*n)) {
-        line(&mut out, format_args!("delete chain {t} {name}"));
+    for name in stale_sets.iter().filter(|n| !sets.contains(*n)) {
+        tx.push(Op::DeleteSet(name.as_str().into()));
     }
-    for name in stale_sets.iter().filter(|n| !used.sets.contains_key(*n) && !buckets.contains_key(*n)) {
-        line(&mut out, format_args!("delete set {t} {name}"));
+    for key in stale_hairpin.iter().filter(|k| !whole.elements.contains_key(&(GlobalSet::Hairpin, (*k).clone()))) {
+        tx.push(Op::DeleteElement { set: GlobalSet::Hairpin.name().into(), key: key.as_str().into() });
     }
-    for key in stale_hairpin.iter().filter(|k| !elements.contains_key(&(HAIRPIN, (*k).clone()))) {
-        line(&mut out, format_args!("delete element {t} {HAIRPIN} {{ {key} }}"));
-    }
-    out
+    tx.render()
 }
 
 /// A transaction that creates an empty table for `family`, and fails if there is one: how a
 /// starting speaker learns, without reading the kernel's ruleset (which `nft` does slowly once
 /// the table is large), whether it must replace a table or can fill a new one.
 pub fn render_create_table(family: Family) -> String {
-    let t = Fam::of(family).table();
-    format!("create table {t} {{ comment \"managed by ferrolb-speaker\" ; }}\n")
+    let mut tx = Transaction::new(family);
+    tx.push(Op::CreateTable);
+    tx.render()
 }
 
 /// A transaction that removes the table of `family` (on shutdown, or when the data plane is
 /// switched off). Adding it first makes the deletion succeed whether or not it existed.
 pub fn render_delete(family: Family) -> String {
-    let t = Fam::of(family).table();
-    format!("add table {t}\ndelete table {t}\n")
-}
-
-/// Names and syntax that differ between the `ip` and `ip6` families.
-struct Fam {
-    /// Table family, and the payload keyword for addresses (`ip daddr`, `ip6 daddr`).
-    nft: &'static str,
-    /// Set element type of one address.
-    addr_type: &'static str,
-}
-
-impl Fam {
-    fn of(family: Family) -> Self {
-        match family {
-            Family::V4 => Fam { nft: "ip", addr_type: "ipv4_addr" },
-            Family::V6 => Fam { nft: "ip6", addr_type: "ipv6_addr" },
-        }
-    }
-
-    fn table(&self) -> String {
-        format!("{} {TABLE}", self.nft)
-    }
-
-    /// Endpoint map `name`: `key -> address` (`endpoints-XX`) or `key -> address . port`
-    /// (`endpoints-PROTO-XX`), the key being what `numgen random mod N offset BASE` gives (see
-    /// [`Slot`]). With ports, one map per protocol: a `th dport` here, or another protocol's
-    /// port, conflicts with the rule's `meta l4proto` when `nft` reads the map back from the
-    /// kernel.
-    fn endpoint_map_spec(&self, name: &str) -> String {
-        let a = self.nft;
-        match name.split('-').collect::<Vec<_>>()[..] {
-            [_, proto, _] => {
-                format!("typeof numgen random mod 1 : {a} daddr . {proto} dport ; comment \"endpoints by key\" ;")
-            }
-            _ => format!("typeof numgen random mod 1 : {a} daddr ; comment \"endpoint addresses by key\" ;"),
-        }
-    }
-
-    /// An endpoint as a DNAT target: `ip:port`, or `[ip]:port` for IPv6.
-    fn dnat_target(&self, e: &Endpoint) -> String {
-        match e.ip {
-            IpAddr::V4(ip) => format!("{ip}:{}", e.port),
-            IpAddr::V6(ip) => format!("[{ip}]:{}", e.port),
-        }
-    }
-}
-
-/// A chain a service owns.
-#[derive(Debug, PartialEq, Eq)]
-struct Chain {
-    /// Says which service port (and endpoint) the hashed name stands for.
-    comment: String,
-    rules: Vec<String>,
-}
-
-/// The chains and affinity sets of some services.
-#[derive(Default)]
-struct Objects {
-    chains: BTreeMap<String, Chain>,
-    /// Affinity set name -> its specification.
-    sets: BTreeMap<String, String>,
-    /// Endpoint maps the chains refer to.
-    buckets: BTreeSet<String>,
-}
-
-/// Endpoint map name -> its elements (`k1 . k2 . index : address . port`).
-type Buckets = BTreeMap<String, BTreeSet<String>>;
-
-/// `(map or set, key) -> verdict` (empty for plain sets). The first service to claim a key keeps
-/// it, services being visited in key order.
-type Elements = BTreeMap<(&'static str, String), String>;
-
-fn line(out: &mut String, args: std::fmt::Arguments<'_>) {
-    // Writing to a String cannot fail.
-    let _ = out.write_fmt(args);
-    out.push('\n');
-}
-
-fn add_chain(out: &mut String, f: &Fam, name: &str, comment: &str) {
-    let t = f.table();
-    let comment = bounded_comment(comment);
-    line(out, format_args!("add chain {t} {name} {{ comment \"{comment}\" ; }}"));
-}
-
-/// A chain and its rules in one command: `nft` needs no cache to add it.
-fn chain_block(out: &mut String, f: &Fam, name: &str, chain: &Chain) {
-    let comment = bounded_comment(&chain.comment);
-    chain_with_rules(out, &f.table(), name, &format!("comment \"{comment}\" ;"), &chain.rules);
-}
-
-/// nft's limit on a comment, in bytes (`NFTNL_UDATA_COMMENT_MAXLEN`): one byte more and it
-/// refuses the whole transaction ("comment too long").
-pub const COMMENT_MAX: usize = 128;
-
-/// `text` as nft can always take it inside `"…"`: characters other than ASCII letters, digits
-/// and ` ./:_-~` become `_` (a `"` would end the string, a newline the command), and it is cut to
-/// [`COMMENT_MAX`] bytes. Object names are DNS labels, so this changes nothing in practice, but
-/// the bound holds whatever the API server lets through.
-fn bounded_comment(text: &str) -> String {
-    let mut safe = nft_safe(text);
-    safe.truncate(COMMENT_MAX); // ASCII only: every byte is a character boundary.
-    safe
-}
-
-/// `text` with every character but ASCII letters, digits and ` ./:_-~` replaced by `_`.
-fn nft_safe(text: &str) -> String {
-    text.chars().map(|c| if c.is_ascii_alphanumeric() || " ./:_-~".contains(c) { c } else { '_' }).collect()
-}
-
-/// The comment of a chain of service port `id` (`namespace/name/port/protocol`): `"{id}: {what}"`
-/// when that fits in [`COMMENT_MAX`] bytes; otherwise the start of `id`, `~` and 8 hex digits of
-/// its hash, so that the comment stays distinct per port and still says whose chain it is.
-fn service_comment(id: &str, what: &str) -> String {
-    let full = nft_safe(&format!("{id}: {what}"));
-    if full.len() <= COMMENT_MAX {
-        return full;
-    }
-    let tail = format!("~{}: {what}", &hash16(id)[..8]);
-    let mut head = nft_safe(id);
-    head.truncate(COMMENT_MAX.saturating_sub(tail.len()));
-    bounded_comment(&format!("{head}{tail}"))
-}
-
-/// A chain with its specification (`type … ;`, empty for a regular chain) and rules in one
-/// command.
-fn chain_with_rules(out: &mut String, t: &str, name: &str, spec: &str, rules: &[String]) {
-    if spec.is_empty() && rules.is_empty() {
-        line(out, format_args!("add chain {t} {name}"));
-        return;
-    }
-    let _ = write!(out, "add chain {t} {name} {{");
-    if !spec.is_empty() {
-        let _ = write!(out, " {spec}");
-    }
-    for rule in rules {
-        let _ = write!(out, " {rule} ;");
-    }
-    out.push_str(" }\n");
-}
-
-/// `map` for a verdict map's specification, `set` otherwise.
-fn set_kind(spec: &str) -> &'static str {
-    if spec.contains(": verdict") { "map" } else { "set" }
-}
-
-/// A set or map declared with its elements (if any).
-fn declare(out: &mut String, t: &str, kind: &str, name: &str, spec: &str, elements: &[String]) {
-    if elements.is_empty() {
-        line(out, format_args!("add {kind} {t} {name} {{ {spec} }}"));
-    } else {
-        set_block(out, t, kind, name, spec, elements);
-    }
-}
-
-/// Elements added through a (re-)declaration of their set or map: `nft` needs no cache for it.
-fn set_block(out: &mut String, t: &str, kind: &str, name: &str, spec: &str, elements: &[String]) {
-    if elements.is_empty() {
-        return;
-    }
-    let list = elements.join(", ");
-    line(out, format_args!("add {kind} {t} {name} {{ {spec} elements = {{ {list} }} ; }}"));
-}
-
-fn claim(elements: &mut Elements, map: &'static str, key: String, value: &str) {
-    elements.entry((map, key)).or_insert_with(|| value.to_owned());
-}
-
-fn hash16(input: &str) -> String {
-    let digest = Sha256::digest(input.as_bytes());
-    digest[..8].iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
-/// A network with its host bits cleared, as nftables wants prefixes.
-fn canonical(net: IpNetwork) -> IpNetwork {
-    IpNetwork::new(net.network(), net.prefix()).unwrap_or(net)
-}
-
-/// Sets and maps every table has: `(name, specification)`.
-fn global_sets(model: &Model, f: &Fam) -> Vec<(&'static str, String)> {
-    let a = f.addr_type;
-    let by_addr = format!("type {a} . inet_proto . inet_service : verdict");
-    let by_port = "type inet_proto . inet_service : verdict".to_owned();
-    let mut sets = vec![
-        (SERVICE_IPS, format!("{by_addr} ; comment \"ClusterIP, externalIP and LoadBalancer IP dispatch\" ;")),
-        (NO_ENDPOINT_SERVICES, format!("{by_addr} ; comment \"services without usable endpoints: reject or drop\" ;")),
-        (FIREWALL_IPS, format!("{by_addr} ; comment \"LoadBalancer IPs with loadBalancerSourceRanges\" ;")),
-        (POD_CIDRS, format!("type {a} ; flags interval ; auto-merge ; comment \"this node's pod CIDRs\" ;")),
-        (
-            HAIRPIN,
-            format!("type {a} . {a} ; comment \"endpoint . endpoint: a pod reaching itself through a service\" ;"),
-        ),
-    ];
-    if model.mode == Mode::Full {
-        sets.extend([
-            (SERVICE_NODEPORTS, format!("{by_port} ; comment \"NodePort dispatch\" ;")),
-            (NO_ENDPOINT_NODEPORTS, format!("{by_port} ; comment \"NodePorts without usable endpoints\" ;")),
-            (CLUSTER_IPS, format!("type {a} ; comment \"every cluster IP\" ;")),
-            (NODE_IPS, format!("type {a} ; comment \"addresses NodePorts listen on\" ;")),
-        ]);
-    }
-    sets.sort();
-    sets
-}
-
-/// Base and shared chains: `(name, specification, rules)`, in declaration order.
-fn base_chains(model: &Model, f: &Fam) -> Vec<(&'static str, String, Vec<String>)> {
-    let full = model.mode == Mode::Full;
-    let a = f.nft;
-    let hook =
-        |kind: &str, hook: &str, prio: &str| format!("type {kind} hook {hook} priority {prio} ; policy accept ;");
-    let only = |cond: bool, rule: &str| cond.then(|| rule.to_owned());
-    let mark = MASQUERADE_MARK;
-    let new_jump = |chain: &str| format!("ct state new jump {chain}");
-    let by_addr = format!("{a} daddr . meta l4proto . th dport");
-    let on_node = format!("fib daddr type local {a} daddr @{NODE_IPS} meta l4proto . th dport");
-    let service_cidrs: Vec<String> =
-        model.service_cidrs_of_family().into_iter().map(|n| canonical(n).to_string()).collect();
-
-    // Priorities are numeric (dstnat is -100, srcnat 100): nft only takes the names on some hooks.
-    let chains: Vec<(&'static str, String, Vec<Option<String>>)> = vec![
-        // Before DNAT, so source ranges see the LoadBalancer IP.
-        ("filter-prerouting", hook("filter", "prerouting", "-110"), vec![Some(new_jump("firewall-check"))]),
-        ("filter-output", hook("filter", "output", "-110"), vec![Some(new_jump("firewall-check"))]),
-        // After DNAT: what still carries a service address found no endpoint to go to.
-        (
-            "filter-input",
-            hook("filter", "input", "-110"),
-            vec![full.then(|| new_jump("nodeport-endpoints-check")), Some(new_jump("service-endpoints-check"))],
-        ),
-        (
-            "filter-forward",
-            hook("filter", "forward", "-110"),
-            vec![Some(new_jump("service-endpoints-check")), full.then(|| new_jump("cluster-ips-check"))],
-        ),
-        (
-            "filter-output-post-dnat",
-            hook("filter", "output", "-90"),
-            vec![Some(new_jump("service-endpoints-check")), full.then(|| new_jump("cluster-ips-check"))],
-        ),
-        ("nat-prerouting", hook("nat", "prerouting", "-100"), vec![Some("jump services".to_owned())]),
-        ("nat-output", hook("nat", "output", "-100"), vec![Some("jump services".to_owned())]),
-        ("nat-postrouting", hook("nat", "postrouting", "100"), vec![Some("jump masquerading".to_owned())]),
-        ("mark-for-masquerade", String::new(), vec![Some(format!("meta mark set meta mark | {mark:#x}"))]),
-        (
-            "services",
-            String::new(),
-            vec![
-                full.then(|| {
-                    format!(
-                        "{a} daddr @{CLUSTER_IPS} {a} saddr != @{POD_CIDRS} jump mark-for-masquerade \
-                         comment \"cluster IP from outside this node's pods\""
-                    )
-                }),
-                Some(format!("{by_addr} vmap @{SERVICE_IPS}")),
-                full.then(|| format!("{on_node} vmap @{SERVICE_NODEPORTS}")),
-            ],
-        ),
-        (
-            "masquerading",
-            String::new(),
-            vec![
-                Some(format!(
-                    "ct status dnat {a} saddr . {a} daddr @{HAIRPIN} meta mark set meta mark | {mark:#x} \
-                     comment \"hairpin\""
-                )),
-                Some(format!("meta mark & {mark:#x} == 0 return")),
-                Some(format!("meta mark set meta mark ^ {mark:#x}")),
-                Some("masquerade fully-random".to_owned()),
-            ],
-        ),
-        ("firewall-check", String::new(), vec![Some(format!("{by_addr} vmap @{FIREWALL_IPS}"))]),
-        ("service-endpoints-check", String::new(), vec![Some(format!("{by_addr} vmap @{NO_ENDPOINT_SERVICES}"))]),
-        (
-            "nodeport-endpoints-check",
-            String::new(),
-            vec![only(full, &format!("{on_node} vmap @{NO_ENDPOINT_NODEPORTS}"))],
-        ),
-        (
-            "cluster-ips-check",
-            String::new(),
-            vec![
-                only(full, &format!("{a} daddr @{CLUSTER_IPS} reject comment \"no service on this cluster IP port\"")),
-                // As kube-proxy: an address of a service CIDR that is no ClusterIP goes nowhere
-                // (routed on, it would make the node ARP for it on the LAN).
-                (full && !service_cidrs.is_empty()).then(|| {
-                    format!(
-                        "{a} daddr {{ {} }} drop comment \"unallocated address of a service CIDR\"",
-                        service_cidrs.join(", ")
-                    )
-                }),
-            ],
-        ),
-        (
-            "reject-chain",
-            String::new(),
-            vec![
-                Some("meta l4proto tcp reject with tcp reset comment \"service without endpoints\"".to_owned()),
-                Some("reject comment \"service without endpoints\"".to_owned()),
-            ],
-        ),
-    ];
-    chains
-        .into_iter()
-        .filter(|(name, _, _)| full || !matches!(*name, "nodeport-endpoints-check" | "cluster-ips-check"))
-        .map(|(name, spec, rules)| (name, spec, rules.into_iter().flatten().collect()))
-        .collect()
-}
-
-/// Adds the map elements of one service to `elements` and, when `objects` is given, its chains
-/// and affinity sets.
-fn build_service(
-    model: &Model,
-    key: &ServiceKey,
-    svc: &ServiceModel,
-    mut objects: Option<&mut Objects>,
-    elements: &mut Elements,
-    buckets: &mut Buckets,
-    slots: &mut Slots,
-) {
-    let family = model.family;
-    let f = Fam::of(family);
-    let full = model.mode == Mode::Full;
-    if let Some(objects) = objects.as_deref_mut()
-        && FAULT_REJECT_SERVICE.as_ref() == Some(key)
-    {
-        let name = format!("fault-{}", hash16(&key.to_string()));
-        let comment = service_comment(&key.to_string(), FAULT_REJECT_SERVICE_ENV);
-        objects.chains.insert(name, Chain { comment, rules: vec![FAULT_RULE.to_owned()] });
-    }
-    let cluster_ips = if full { svc.cluster_ips_of(family) } else { Vec::new() };
-    let lb_ips = svc.lb_ips_of(family);
-    let mut outside_ips = if full { svc.external_ips_of(family) } else { Vec::new() };
-    outside_ips.extend(lb_ips.iter().copied());
-    outside_ips.sort();
-    outside_ips.dedup();
-
-    let mut ports: Vec<&PortModel> = svc.ports.iter().collect();
-    ports.sort_by(|x, y| (x.proto, x.port, &x.name).cmp(&(y.proto, y.port, &y.name)));
-    for port in ports {
-        let id = format!("{key}/{}/{}", port.name, port.proto);
-        let h = hash16(&id);
-        let (svc_chain, local_chain, ext_chain) = (format!("svc-{h}"), format!("local-{h}"), format!("ext-{h}"));
-        let all = port.cluster_endpoints(family);
-        let local = port.local_endpoints(family, &model.node);
-        let node_port = port.node_port.filter(|_| full);
-        let has_outside = !outside_ips.is_empty() || node_port.is_some();
-        let proto = port.proto;
-
-        // Map elements.
-        for ip in &cluster_ips {
-            claim(elements, CLUSTER_IPS, ip.to_string(), "");
-            let k = format!("{ip} . {proto} . {}", port.port);
-            let (internal, target) = if svc.internal_local { (&local, &local_chain) } else { (&all, &svc_chain) };
-            if !internal.is_empty() {
-                claim(elements, SERVICE_IPS, k, &format!("goto {target}"));
-            } else if !all.is_empty() {
-                claim(elements, NO_ENDPOINT_SERVICES, k, DROP);
-            } else {
-                claim(elements, NO_ENDPOINT_SERVICES, k, REJECT);
-            }
-        }
-        let mut outside_keys: Vec<(&'static str, &'static str, String)> = outside_ips
-            .iter()
-            .map(|ip| {
-                let k = format!("{ip} . {proto} . {}", port.port);
-                (SERVICE_IPS, NO_ENDPOINT_SERVICES, k)
-            })
-            .collect();
-        if let Some(np) = node_port {
-            let k = format!("{proto} . {np}");
-            outside_keys.push((SERVICE_NODEPORTS, NO_ENDPOINT_NODEPORTS, k));
-        }
-        for (dispatch, no_endpoints, k) in outside_keys {
-            if all.is_empty() {
-                claim(elements, no_endpoints, k, REJECT);
-                continue;
-            }
-            claim(elements, dispatch, k.clone(), &format!("goto {ext_chain}"));
-            if svc.external_local && local.is_empty() {
-                // Whatever the ext chain did not short-circuit is dropped after DNAT would have
-                // happened: the node has nothing for it.
-                claim(elements, no_endpoints, k, DROP);
-            }
-        }
-        let fw_chain = format!("fw-{h}");
-        if svc.firewalled() {
-            for ip in &lb_ips {
-                let k = format!("{ip} . {proto} . {}", port.port);
-                claim(elements, FIREWALL_IPS, k, &format!("goto {fw_chain}"));
-            }
-        }
-
-        // Chains, created under the same conditions the elements above point at them.
-        let svc_used = !all.is_empty() && (has_outside || (!cluster_ips.is_empty() && !svc.internal_local));
-        let local_used = !local.is_empty()
-            && ((has_outside && svc.external_local) || (!cluster_ips.is_empty() && svc.internal_local));
-        let mut endpoints: BTreeSet<&Endpoint> = BTreeSet::new();
-        if svc_used {
-            endpoints.extend(all.iter().copied());
-        }
-        if local_used {
-            endpoints.extend(local.iter().copied());
-        }
-        // Only a pod on this node can reach itself through this node's rules.
-        for e in endpoints.iter().filter(|e| e.node.is_none() || e.is_on(&model.node)) {
-            claim(elements, HAIRPIN, format!("{} . {}", e.ip, e.ip), "");
-        }
-        let bucketed = svc.affinity_timeout.is_none() && !endpoints.is_empty();
-        // One target port for all (the usual case): the map holds addresses only.
-        let target_ports: BTreeSet<u16> = endpoints.iter().map(|e| e.port).collect();
-        let one_port = if target_ports.len() == 1 { target_ports.first().copied() } else { None };
-        let slot = bucketed.then(|| slots.place(&id, proto, one_port, all.len() + local.len()));
-        if let Some(slot) = &slot {
-            // All endpoints from the base on, then the local ones after them.
-            let list = buckets.entry(slot.map.clone()).or_default();
-            for (used, chosen, first) in [(svc_used, &all, 0), (local_used, &local, all.len())] {
-                for (i, e) in chosen.iter().enumerate().filter(|_| used) {
-                    let key = slot.key(first + i);
-                    list.insert(match slot.port {
-                        Some(_) => format!("{key} : {}", e.ip),
-                        None => format!("{key} : {} . {}", e.ip, e.port),
-                    });
-                }
-            }
-        }
-
-        let Some(objects) = objects.as_deref_mut() else {
-            continue;
-        };
-        let a = f.nft;
-        if let Some(slot) = &slot {
-            objects.buckets.insert(slot.map.clone());
-        }
-        if let Some(timeout) = svc.affinity_timeout {
-            for e in &endpoints {
-                let spec = format!("type {} ; flags dynamic,timeout ; timeout {timeout}s ;", f.addr_type);
-                objects.sets.insert(affinity_set(&id, e, timeout), spec);
-            }
-        }
-        if svc_used {
-            let mut rules = Vec::new();
-            rules.extend(dispatch(&id, port, &all, 0, slot.as_ref(), svc.affinity_timeout, &f));
-            let comment = service_comment(&id, "all endpoints");
-            objects.chains.insert(svc_chain.clone(), Chain { comment, rules });
-        }
-        if local_used {
-            let rules = dispatch(&id, port, &local, all.len(), slot.as_ref(), svc.affinity_timeout, &f);
-            let comment = service_comment(&id, "local endpoints");
-            objects.chains.insert(local_chain.clone(), Chain { comment, rules });
-        }
-        if has_outside && !all.is_empty() {
-            let rules = if svc.external_local {
-                let mut rules = vec![
-                    format!("{a} saddr @{POD_CIDRS} goto {svc_chain} comment \"short-circuit pod traffic\""),
-                    "fib saddr type local jump mark-for-masquerade \
-                     comment \"masquerade node-local traffic\""
-                        .to_owned(),
-                    format!("fib saddr type local goto {svc_chain} comment \"short-circuit node-local traffic\""),
-                ];
-                if local_used {
-                    rules.push(format!("goto {local_chain} comment \"externalTrafficPolicy Local\""));
-                }
-                rules
-            } else {
-                vec![
-                    "jump mark-for-masquerade comment \"externalTrafficPolicy Cluster\"".to_owned(),
-                    format!("goto {svc_chain}"),
-                ]
-            };
-            let comment = service_comment(&id, "external traffic");
-            objects.chains.insert(ext_chain, Chain { comment, rules });
-        }
-        if svc.firewalled() && !lb_ips.is_empty() {
-            let ranges = svc.source_ranges_of(family);
-            let rule = if svc.source_ranges_unreadable {
-                "drop comment \"an unreadable loadBalancerSourceRanges entry: closed to all\"".to_owned()
-            } else if ranges.is_empty() {
-                "drop comment \"no loadBalancerSourceRanges of this family\"".to_owned()
-            } else {
-                // kube-proxy's allowFromNode: a range holding this node's address lets the node in,
-                // and a node with the LB IP on a local interface sends from the LB IP itself.
-                let node_ips = model.nodeport_ips();
-                let from_node = ranges.iter().any(|n| node_ips.iter().any(|ip| n.contains(*ip)));
-                let mut set: Vec<String> = ranges.into_iter().map(|n| canonical(n).to_string()).collect();
-                if from_node {
-                    set.extend(lb_ips.iter().map(ToString::to_string));
-                }
-                let set = set.join(", ");
-                format!("{a} saddr != {{ {set} }} drop comment \"loadBalancerSourceRanges\"")
-            };
-            let comment = service_comment(&id, "source ranges");
-            objects.chains.insert(fw_chain, Chain { comment, rules: vec![rule] });
-        }
-    }
-}
-
-/// The timeout is part of the name: a set's timeout cannot be changed in place.
-fn affinity_set(id: &str, e: &Endpoint, timeout: u32) -> String {
-    format!("aff-{}", hash16(&format!("{id}/{}/{}/{timeout}", e.ip, e.port)))
-}
-
-/// Where a service port's endpoints are: in one of 256 endpoint maps (none grows large: binding a
-/// map to a chain walks its elements, and a partial sync refills a changed map whole), at keys
-/// `base..base + n`. One number as the key keeps each element cheap for `nft` to parse (the
-/// endpoint elements are most of a full sync's work).
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Slot {
-    map: String,
-    base: u32,
-    /// The target port of every endpoint, when they share one: then the map (`endpoints-XX`)
-    /// holds addresses only, and the rule adds the port. Otherwise the map is
-    /// `endpoints-PROTO-XX`, of `address . port`.
-    port: Option<u16>,
-}
-
-impl Slot {
-    /// The key of the `i`-th entry (`i` is below the size the slot was placed with).
-    fn key(&self, i: usize) -> u64 {
-        u64::from(self.base) + i as u64
-    }
-}
-
-/// Places service ports' key ranges. Every render visits all services in key order with a fresh
-/// `Slots`, so a port's base depends on the model only: the port's hash, unless an earlier
-/// port's range is in the way (then the next of the port's hash candidates that fits). A partial
-/// sync treats a service whose bases moved as changed.
-#[derive(Debug, Default)]
-struct Slots {
-    /// Endpoint map -> start of each taken range -> its end (exclusive).
-    taken: BTreeMap<String, BTreeMap<u32, u64>>,
-    /// Port id -> its slot, once placed.
-    placed: BTreeMap<String, Slot>,
-}
-
-impl Slots {
-    /// The slot of port `id`: where it was placed before, or a free range of `size` keys (in an
-    /// address-only map when `port` is given).
-    fn place(&mut self, id: &str, proto: Protocol, port: Option<u16>, size: usize) -> Slot {
-        if let Some(slot) = self.placed.get(id) {
-            return slot.clone();
-        }
-        let size = size.max(1) as u64;
-        let d = Sha256::digest(format!("{id}/endpoints").as_bytes());
-        let map = match port {
-            Some(_) => format!("{ENDPOINTS}-{:02x}", d[0]),
-            None => format!("{ENDPOINTS}-{proto}-{:02x}", d[0]),
-        };
-        let taken = self.taken.entry(map.clone()).or_default();
-        let mut base = u32::from_be_bytes([d[1], d[2], d[3], d[4]]);
-        for attempt in 1u32.. {
-            if Self::fits(taken, base, size) {
-                break;
-            }
-            let d = Sha256::digest(format!("{id}/endpoints/{attempt}").as_bytes());
-            base = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
-        }
-        taken.insert(base, u64::from(base) + size);
-        let slot = Slot { map, base, port };
-        self.placed.insert(id.to_owned(), slot.clone());
-        slot
-    }
-
-    /// Whether `base..base + size` stays below 2^32 and overlaps no taken range.
-    fn fits(taken: &BTreeMap<u32, u64>, base: u32, size: u64) -> bool {
-        let end = u64::from(base) + size;
-        let before_ends = taken.range(..=base).next_back().map_or(0, |(_, e)| *e);
-        let after_starts = taken.range(base..).next().map_or(1 << 32, |(s, _)| u64::from(*s));
-        end <= 1 << 32 && before_ends <= u64::from(base) && after_starts >= end
-    }
-}
-
-/// Rules choosing an endpoint and translating to it. There is no chain per endpoint: chains are
-/// what makes the kernel slow (it validates every chain reachable from a base chain on each
-/// commit that adds a `dnat` or `goto`, and `nft` dumps them all before deletions).
-///
-/// Without affinity: one rule, `dnat` to a random one of the `endpoints.len()` entries from
-/// `offset` on in the port's endpoint map. It depends on the number of endpoints only, so most
-/// endpoint changes rewrite map elements and no rule (no validation). Not an anonymous map per
-/// service: every anonymous set costs the kernel time that grows with the number of sets in the
-/// table (8,000 of them take 6 s to load); nor a named map each (the kernel finds sets by name
-/// in a list: 10,000 maps add 3 s to a full load).
-///
-/// With affinity: remembered clients first, then a uniform random pick as a cascade (rule `i` of
-/// `N` takes the packet with probability `1 / (N - i)`), each rule updating its endpoint's
-/// affinity set and translating; only the first packet of a connection walks it.
-fn dispatch(
-    id: &str,
-    port: &PortModel,
-    endpoints: &[&Endpoint],
-    offset: usize,
-    slot: Option<&Slot>,
-    affinity: Option<u32>,
-    f: &Fam,
-) -> Vec<String> {
-    let proto = port.proto;
-    match (affinity, slot) {
-        (Some(timeout), _) => affinity_dispatch(id, proto, endpoints, timeout, f),
-        (None, Some(slot)) => {
-            let (n, key) = (endpoints.len(), slot.key(offset));
-            let port = slot.port.map(|p| format!(" : {p}")).unwrap_or_default();
-            vec![format!("meta l4proto {proto} dnat to numgen random mod {n} offset {key} map @{}{port}", slot.map)]
-        }
-        // Nothing to choose from (a chain is only made for endpoints, which have a slot).
-        (None, None) => Vec::new(),
-    }
-}
-
-/// [`dispatch`] under session affinity.
-fn affinity_dispatch(id: &str, proto: Protocol, endpoints: &[&Endpoint], timeout: u32, f: &Fam) -> Vec<String> {
-    let a = f.nft;
-    let translate = |e: &Endpoint| {
-        let set = affinity_set(id, e, timeout);
-        format!("meta l4proto {proto} update @{set} {{ {a} saddr }} dnat to {}", f.dnat_target(e))
-    };
-    let mut rules = Vec::new();
-    for e in endpoints {
-        let set = affinity_set(id, e, timeout);
-        rules.push(format!("{a} saddr @{set} {} comment \"session affinity\"", translate(e)));
-    }
-    let n = endpoints.len();
-    for (i, e) in endpoints.iter().enumerate() {
-        let left = n - i;
-        if left == 1 {
-            rules.push(translate(e));
-        } else {
-            rules.push(format!("numgen random mod {left} == 0 {} comment \"1 in {left}\"", translate(e)));
-        }
-    }
-    rules
+    let mut tx = Transaction::new(family);
+    tx.push(Op::AddTable);
+    tx.push(Op::DeleteTable);
+    tx.render()
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::io::Write as _;
-    use std::process::Command;
 
-    use super::super::model::ServiceModel;
+    use super::fixtures::*;
+    use super::services::service_comment;
     use super::*;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    fn net(s: &str) -> IpNetwork {
-        s.parse().unwrap()
-    }
-
-    fn ep(addr: &str, node: &str) -> Endpoint {
-        Endpoint::ready(ip(addr), 8080, node)
-    }
-
-    fn port(name: &str, proto: Protocol, port: u16, endpoints: Vec<Endpoint>) -> PortModel {
-        PortModel { name: name.into(), proto, port, node_port: None, endpoints }
-    }
-
-    fn http(endpoints: Vec<Endpoint>) -> PortModel {
-        port("http", Protocol::Tcp, 80, endpoints)
-    }
-
-    fn two_endpoints() -> Vec<Endpoint> {
-        vec![ep("198.18.1.2", "node-1"), ep("198.18.2.2", "node-2")]
-    }
-
-    fn cluster_ip(addr: &str, ports: Vec<PortModel>) -> ServiceModel {
-        ServiceModel { cluster_ips: vec![ip(addr)], ports, ..ServiceModel::default() }
-    }
-
-    fn model(mode: Mode, services: Vec<(&str, ServiceModel)>) -> Model {
-        Model {
-            node: "node-1".into(),
-            family: Family::V4,
-            mode,
-            node_ips: vec![ip("192.0.2.11"), ip("127.0.0.1")],
-            pod_cidrs: vec![net("198.18.1.0/24")],
-            service_cidrs: vec![],
-            services: services.into_iter().map(|(name, svc)| (ServiceKey::new("default", name), svc)).collect(),
-        }
-    }
-
-    fn lb(local: bool) -> ServiceModel {
-        let mut p = http(two_endpoints());
-        p.node_port = Some(31001);
-        ServiceModel {
-            cluster_ips: vec![ip("198.19.0.20")],
-            external_ips: vec![ip("192.0.2.150")],
-            lb_ips: vec![ip("192.0.2.200")],
-            ports: vec![p],
-            external_local: local,
-            ..ServiceModel::default()
-        }
-    }
-
-    /// Representative models, one per behaviour, each rendered, checked and snapshotted.
-    fn fixtures() -> Vec<(&'static str, Model)> {
-        let clusterip = model(
-            Mode::Full,
-            vec![(
-                "web",
-                cluster_ip(
-                    "198.19.0.10",
-                    vec![
-                        http(two_endpoints()),
-                        port("dns", Protocol::Udp, 53, vec![ep("198.18.2.3", "node-2")]),
-                        port("sig", Protocol::Sctp, 9000, vec![ep("198.18.1.4", "node-1")]),
-                        // A named target port resolved differently per pod: the map holds ports.
-                        port(
-                            "alt",
-                            Protocol::Tcp,
-                            81,
-                            vec![ep("198.18.1.2", "node-1"), {
-                                let mut e = ep("198.18.2.2", "node-2");
-                                e.port = 8081;
-                                e
-                            }],
-                        ),
-                    ],
-                ),
-            )],
-        );
-
-        let mut np = http(two_endpoints());
-        np.node_port = Some(31000);
-        let nodeport = model(Mode::Full, vec![("np", cluster_ip("198.19.0.11", vec![np]))]);
-
-        let lb_cluster = model(Mode::Full, vec![("lb", lb(false))]);
-
-        let mut remote_only = lb(true);
-        remote_only.lb_ips = vec![ip("192.0.2.201")];
-        remote_only.external_ips.clear();
-        remote_only.cluster_ips = vec![ip("198.19.0.21")];
-        remote_only.ports[0].endpoints = vec![ep("198.18.2.9", "node-2")];
-        remote_only.ports[0].node_port = Some(31002);
-        let lb_local = model(Mode::Full, vec![("lb-local", lb(true)), ("lb-remote-only", remote_only)]);
-
-        let mut sticky = cluster_ip("198.19.0.12", vec![http(two_endpoints())]);
-        sticky.affinity_timeout = Some(10800);
-        let mut sticky_lb = lb(true);
-        sticky_lb.affinity_timeout = Some(60);
-        let affinity = model(Mode::Full, vec![("sticky", sticky), ("sticky-lb", sticky_lb)]);
-
-        let mut empty_lb = lb(false);
-        empty_lb.ports[0].endpoints.clear();
-        let mut itp_local = cluster_ip("198.19.0.14", vec![http(vec![ep("198.18.2.2", "node-2")])]);
-        itp_local.internal_local = true;
-        let mut itp_local_ok = cluster_ip("198.19.0.15", vec![http(two_endpoints())]);
-        itp_local_ok.internal_local = true;
-        let mut terminating = ep("198.18.1.7", "node-1");
-        terminating.ready = false;
-        terminating.terminating = true;
-        let mut not_serving = terminating.clone();
-        not_serving.serving = false;
-        not_serving.ip = ip("198.18.1.8");
-        let no_endpoints = model(
-            Mode::Full,
-            vec![
-                ("empty", cluster_ip("198.19.0.13", vec![http(vec![])])),
-                ("empty-lb", empty_lb),
-                ("itp-local-none-here", itp_local),
-                ("itp-local", itp_local_ok),
-                ("terminating", cluster_ip("198.19.0.16", vec![http(vec![terminating, not_serving])])),
-            ],
-        );
-
-        let mut ranged = lb(false);
-        ranged.source_ranges = vec![net("203.0.113.0/24"), net("198.51.100.7/25")];
-        let mut ranged_v6_only = lb(false);
-        ranged_v6_only.lb_ips = vec![ip("192.0.2.202")];
-        ranged_v6_only.cluster_ips = vec![ip("198.19.0.22")];
-        ranged_v6_only.external_ips.clear();
-        ranged_v6_only.ports[0].node_port = None;
-        ranged_v6_only.source_ranges = vec![net("2001:db8:2::/48")];
-        let source_ranges = model(Mode::Full, vec![("ranged", ranged), ("ranged-v6-only", ranged_v6_only)]);
-
-        let mut v6_lb = ServiceModel {
-            cluster_ips: vec![ip("2001:db8:ff::10"), ip("198.19.0.30")],
-            lb_ips: vec![ip("2001:db8:1::c8"), ip("192.0.2.203")],
-            ports: vec![http(vec![
-                Endpoint::ready(ip("2001:db8:100::2"), 8080, "node-1"),
-                Endpoint::ready(ip("2001:db8:100:1::2"), 8080, "node-2"),
-                ep("198.18.1.2", "node-1"),
-            ])],
-            source_ranges: vec![net("2001:db8:1::/64")],
-            affinity_timeout: Some(300),
-            ..ServiceModel::default()
-        };
-        v6_lb.ports[0].node_port = Some(31003);
-        let v6_plain = ServiceModel {
-            cluster_ips: vec![ip("2001:db8:ff::11")],
-            ports: vec![http(vec![
-                Endpoint::ready(ip("2001:db8:100::3"), 8080, "node-1"),
-                Endpoint::ready(ip("2001:db8:100:1::3"), 8080, "node-2"),
-            ])],
-            ..ServiceModel::default()
-        };
-        let mut ipv6 = model(Mode::Full, vec![("dual", v6_lb), ("v6-plain", v6_plain)]);
-        ipv6.family = Family::V6;
-        ipv6.node_ips = vec![ip("2001:db8:1::11"), ip("::1"), ip("192.0.2.11")];
-        ipv6.pod_cidrs = vec![net("2001:db8:100::/64"), net("198.18.1.0/24")];
-
-        let mut lb_only = model(Mode::Full, vec![("lb", lb(false)), ("lb-local", lb(true))]);
-        lb_only.mode = Mode::LbOnly;
-        lb_only.services.get_mut(&ServiceKey::new("default", "lb-local")).unwrap().lb_ips = vec![ip("192.0.2.204")];
-        lb_only
-            .services
-            .insert(ServiceKey::new("default", "plain"), cluster_ip("198.19.0.17", vec![http(two_endpoints())]));
-
-        vec![
-            ("clusterip", clusterip),
-            ("nodeport", nodeport),
-            ("lb_cluster", lb_cluster),
-            ("lb_local", lb_local),
-            ("affinity", affinity),
-            ("no_endpoints", no_endpoints),
-            ("source_ranges", source_ranges),
-            ("ipv6", ipv6),
-            ("lb_only", lb_only),
-        ]
-    }
-
-    /// Every fixture's services in one model (distinct names, so nothing collides).
-    fn combined() -> Model {
-        let mut all = model(Mode::Full, vec![]);
-        for (name, m) in fixtures() {
-            if m.family != Family::V4 || m.mode != Mode::Full {
-                continue;
-            }
-            for (key, svc) in m.services {
-                all.services.insert(ServiceKey::new(name.replace('_', "-"), key.name), svc);
-            }
-        }
-        all
-    }
+    use crate::dataplane::model::Mode;
+    use crate::dataplane::nft::bounded_comment;
 
     #[test]
     fn snapshots() {
@@ -1337,73 +523,6 @@ mod tests {
         assert!(text.contains("ip saddr != { 127.0.0.0/8, 192.0.2.0/28, 203.0.113.0/24, 192.0.2.200 } drop"), "{text}");
     }
 
-    /// A port whose hashed range is taken gets the next candidate that fits, the same one every
-    /// time, and ranges never overlap or pass 2^32.
-    #[test]
-    fn slots_never_overlap() {
-        let mut slots = Slots::default();
-        let first = slots.place("a/b/http/tcp", Protocol::Tcp, None, 10);
-        assert_eq!(slots.place("a/b/http/tcp", Protocol::Tcp, None, 99), first, "placed once");
-
-        // The same port in a model where its hashed range is already taken.
-        let mut crowded = Slots::default();
-        crowded
-            .taken
-            .entry(first.map.clone())
-            .or_default()
-            .insert(first.base.saturating_sub(5), u64::from(first.base) + 1);
-        let moved = crowded.place("a/b/http/tcp", Protocol::Tcp, None, 10);
-        assert_eq!(moved.map, first.map);
-        assert_ne!(moved.base, first.base);
-        let mut again = Slots {
-            taken: BTreeMap::from([(first.map.clone(), crowded.taken[&first.map].clone())]),
-            ..Slots::default()
-        };
-        again.taken.get_mut(&first.map).unwrap().remove(&moved.base);
-        assert_eq!(again.place("a/b/http/tcp", Protocol::Tcp, None, 10), moved, "deterministic");
-
-        assert!(Slots::fits(&BTreeMap::new(), u32::MAX - 9, 10));
-        assert!(!Slots::fits(&BTreeMap::new(), u32::MAX - 8, 10));
-        let taken = BTreeMap::from([(100, 110)]);
-        assert!(Slots::fits(&taken, 90, 10) && Slots::fits(&taken, 110, 5));
-        assert!(!Slots::fits(&taken, 91, 10) && !Slots::fits(&taken, 109, 5) && !Slots::fits(&taken, 100, 1));
-
-        // Many ports: every range is where its elements are, and none overlaps another.
-        let mut many = Slots::default();
-        for i in 0..5000 {
-            many.place(&format!("ns/svc-{i}/http/tcp"), Protocol::Tcp, Some(80), 1 + i % 40);
-        }
-        for ranges in many.taken.values() {
-            let mut end = 0;
-            for (start, stop) in ranges {
-                assert!(u64::from(*start) >= end && *stop <= 1 << 32);
-                end = *stop;
-            }
-        }
-    }
-
-    fn next_of(prev: &Model) -> Model {
-        let mut next = prev.clone();
-        let key = |ns: &str, name: &str| ServiceKey::new(ns, name);
-        // Removed, added, endpoints changed, affinity timeout changed, policy flipped.
-        next.services.remove(&key("clusterip", "web"));
-        next.services.insert(key("new", "svc"), cluster_ip("198.19.0.99", vec![http(two_endpoints())]));
-        let np = next.services.get_mut(&key("nodeport", "np")).unwrap();
-        np.ports[0].endpoints.push(ep("198.18.3.2", "node-3"));
-        np.ports[0].endpoints.remove(0);
-        let sticky = next.services.get_mut(&key("affinity", "sticky")).unwrap();
-        sticky.affinity_timeout = Some(30);
-        let lb = next.services.get_mut(&key("lb-cluster", "lb")).unwrap();
-        lb.external_local = true;
-        let empty = next.services.get_mut(&key("no-endpoints", "empty")).unwrap();
-        empty.ports[0].endpoints.push(ep("198.18.1.50", "node-1"));
-        let itp = next.services.get_mut(&key("no-endpoints", "itp-local")).unwrap();
-        itp.internal_local = false;
-        next.node_ips.push(ip("192.0.2.99"));
-        next.pod_cidrs.push(net("198.18.101.0/24"));
-        next
-    }
-
     #[test]
     fn partial_touches_only_changes() {
         let prev = combined();
@@ -1453,31 +572,6 @@ mod tests {
 
     /// The longest names the API server accepts: namespace 63, Service 63, port name 63, node
     /// name 253 characters.
-    fn longest_names() -> Model {
-        let ns = format!("n{}", "s".repeat(62));
-        let name = format!("s{}", "v".repeat(62));
-        let port_name = format!("p{}", "-x".repeat(31));
-        let mut m = fixtures()[2].1.clone(); // LoadBalancer, Cluster policy: every chain kind.
-        m.node = "n".repeat(253);
-        let mut svc = m.services.pop_first().unwrap().1;
-        svc.source_ranges = vec![net("203.0.113.0/24")];
-        svc.ports[0].name = port_name.clone();
-        for e in &mut svc.ports[0].endpoints {
-            e.node = Some(m.node.clone());
-        }
-        let mut local = svc.clone();
-        local.external_local = true;
-        local.lb_ips = vec![ip("192.0.2.210")];
-        local.cluster_ips = vec![ip("198.19.0.40")];
-        local.ports[0].node_port = None;
-        local.affinity_timeout = Some(86400);
-        m.services.insert(ServiceKey::new(&ns, &name), svc);
-        // Same start, another end: the cut comments must still differ.
-        m.services.insert(ServiceKey::new(&ns, format!("{}w", &name[..62])), local);
-        assert_eq!((ns.len(), name.len(), port_name.len(), m.node.len()), (63, 63, 63, 253));
-        m
-    }
-
     #[test]
     fn longest_names_stay_within_nft_limits() {
         let m = longest_names();
@@ -1501,291 +595,5 @@ mod tests {
         assert_eq!(bounded_comment(&"é".repeat(200)).len(), COMMENT_MAX);
         let short = service_comment("ns/name/http/tcp", "all endpoints");
         assert_eq!(short, "ns/name/http/tcp: all endpoints");
-    }
-
-    #[test]
-    fn nft_loads_the_longest_names() {
-        let m = longest_names();
-        let (full, partial) = (file(&render_full(&m)), file(&render_partial(&fixtures()[2].1, &m).now));
-        let (full, partial) = (full.path().display(), partial.path().display());
-        let base = file(&render_full(&fixtures()[2].1));
-        let base = base.path().display();
-        let listed = in_netns(&format!("nft -f {full}; nft list table ip ferrolb; nft -f {base}; nft -f {partial}"));
-        assert!(listed.contains("~"), "{listed}");
-    }
-
-    // ---- real nftables, in a throw-away network namespace ----
-
-    /// Fails (never skips) when the test cannot run for real.
-    fn require_root_and_nft() {
-        let uid = Command::new("id").arg("-u").output().expect("cannot run `id -u`");
-        let uid = String::from_utf8_lossy(&uid.stdout).trim().to_owned();
-        assert_eq!(uid, "0", "the nftables tests need root (to unshare a network namespace); uid is {uid}");
-        let nft = Command::new("nft").arg("--version").output();
-        assert!(nft.map(|o| o.status.success()).unwrap_or(false), "the nftables tests need the `nft` tool on PATH");
-    }
-
-    fn file(text: &str) -> tempfile::NamedTempFile {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        f.write_all(text.as_bytes()).unwrap();
-        f.flush().unwrap();
-        f
-    }
-
-    /// Runs `script` under `sh` in a fresh network namespace; returns stdout, fails with stderr.
-    fn in_netns(script: &str) -> String {
-        require_root_and_nft();
-        let out =
-            Command::new("unshare").args(["--net", "--", "sh", "-ec", script]).output().expect("cannot run unshare");
-        assert!(out.status.success(), "`{script}` failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn family_word(m: &Model) -> &'static str {
-        Fam::of(m.family).nft
-    }
-
-    #[test]
-    fn nft_accepts_every_fixture() {
-        for (name, m) in fixtures() {
-            let f = file(&render_full(&m));
-            let path = f.path().display();
-            in_netns(&format!("nft -c -f {path} || {{ echo {name} >&2; exit 1; }}"));
-        }
-    }
-
-    #[test]
-    fn nft_applies_full_twice_and_deletes() {
-        for (name, m) in fixtures() {
-            let full = file(&render_full(&m));
-            let delete = file(&render_delete(m.family));
-            let (full, delete) = (full.path().display(), delete.path().display());
-            let fam = family_word(&m);
-            let listed = in_netns(&format!(
-                "echo {name} >&2; nft -f {full}; nft -f {full}; nft list table {fam} ferrolb; \
-                 nft -f {delete}; nft -f {delete}; ! nft list table {fam} ferrolb 2>/dev/null"
-            ));
-            assert!(listed.contains("chain services"), "{name}: {listed}");
-        }
-    }
-
-    /// `render_create_table` makes an empty table and refuses to where there is one;
-    /// `render_create` then fills it as `render_full` would.
-    #[test]
-    fn nft_create_equals_full() {
-        for (name, m) in fixtures() {
-            let (full, table, create) =
-                (file(&render_full(&m)), file(&render_create_table(m.family)), file(&render_create(&m)));
-            let (full, table, create) = (full.path().display(), table.path().display(), create.path().display());
-            let fam = family_word(&m);
-            let created = in_netns(&format!(
-                "echo {name} >&2; nft -f {table}; nft -f {create}; ! nft -f {table} 2>/dev/null; \
-                 nft list table {fam} ferrolb"
-            ));
-            let replaced = in_netns(&format!("nft -f {full}; nft list table {fam} ferrolb"));
-            assert_eq!(normalized(&created), normalized(&replaced), "{name}");
-        }
-    }
-
-    /// Real packets, from the node itself, through the applied ruleset: ClusterIP, LB IP and
-    /// NodePort reach the endpoint; no endpoints is refused at once; a source outside
-    /// loadBalancerSourceRanges is dropped; 40 connections spread over both endpoints, or stay
-    /// on one under session affinity; under internalTrafficPolicy Local, 20 reach only the local
-    /// one of two.
-    #[test]
-    fn nft_forwards_real_connections() {
-        let one = || vec![ep("198.18.1.2", "node-1")];
-        let mut np = http(one());
-        np.node_port = Some(31000);
-        let mut lb_svc = cluster_ip("198.19.0.11", vec![np]);
-        lb_svc.lb_ips = vec![ip("192.0.2.200")];
-        let mut ranged = cluster_ip("198.19.0.12", vec![http(one())]);
-        ranged.lb_ips = vec![ip("192.0.2.201")];
-        ranged.source_ranges = vec![net("203.0.113.0/24")];
-        let two = || vec![ep("198.18.1.2", "node-1"), ep("198.18.1.3", "node-1")];
-        let mut sticky = cluster_ip("198.19.0.15", vec![http(two())]);
-        sticky.affinity_timeout = Some(60);
-        let mut local_only =
-            cluster_ip("198.19.0.16", vec![http(vec![ep("198.18.1.2", "node-2"), ep("198.18.1.3", "node-1")])]);
-        local_only.internal_local = true;
-        let m = model(
-            Mode::Full,
-            vec![
-                ("spread", cluster_ip("198.19.0.14", vec![http(two())])),
-                ("sticky", sticky),
-                ("local-only", local_only),
-                ("web", cluster_ip("198.19.0.10", vec![http(one())])),
-                ("lb", lb_svc),
-                ("empty", cluster_ip("198.19.0.13", vec![http(vec![])])),
-                ("ranged", ranged),
-            ],
-        );
-        let rules = file(&render_full(&m));
-        let probe = file(
-            r#"
-import socket, threading, time
-def serve(addr):
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((addr, 8080))
-    srv.listen(64)
-    while True:
-        c, _ = srv.accept()
-        c.sendall(addr.encode())
-        c.close()
-for addr in ["198.18.1.2", "198.18.1.3"]:
-    threading.Thread(target=serve, args=(addr,), daemon=True).start()
-time.sleep(0.2)
-def backends(addr, n):
-    return sorted({socket.create_connection((addr, 80), timeout=1).recv(16) for _ in range(n)})
-def probe(name, addr, port):
-    start = time.monotonic()
-    try:
-        s = socket.create_connection((addr, port), timeout=1)
-        print(name, "ok" if s.recv(16).startswith(b"198.18.1.") else "wrong-reply")
-    except ConnectionRefusedError:
-        print(name, "refused", "fast" if time.monotonic() - start < 0.1 else "slow")
-    except OSError as e:
-        print(name, "timeout" if isinstance(e, socket.timeout) else repr(e))
-probe("clusterip", "198.19.0.10", 80)
-probe("lb", "192.0.2.200", 80)
-probe("nodeport", "192.0.2.11", 31000)
-probe("empty", "198.19.0.13", 80)
-probe("ranged", "192.0.2.201", 80)
-print("spread", len(backends("198.19.0.14", 40)))
-print("sticky", len(backends("198.19.0.15", 40)))
-print("local", b",".join(backends("198.19.0.16", 20)).decode())
-"#,
-        );
-        let out = in_netns(&format!(
-            "ip link set lo up; ip link add d0 type veth peer name d1; ip link set d1 up; ip link set d0 up; \
-             ip addr add 198.18.1.2/24 dev d0; ip addr add 198.18.1.3/24 dev d0; ip addr add 192.0.2.11/24 dev d0; \
-             ip route add 198.19.0.0/16 dev d0; nft -f {}; python3 {}",
-            rules.path().display(),
-            probe.path().display()
-        ));
-        assert_eq!(
-            out,
-            "clusterip ok\nlb ok\nnodeport ok\nempty refused fast\nranged timeout\nspread 2\nsticky 1\nlocal 198.18.1.3\n"
-        );
-    }
-
-    /// Two pods in namespaces of their own behind this node, routed over veths: a pod reaching
-    /// itself through its service is masqueraded (its server sees the node's address, and the
-    /// connection works), a pod reaching the other pod's service keeps its own address.
-    #[test]
-    fn nft_masquerades_hairpin_connections_only() {
-        let m = model(
-            Mode::Full,
-            vec![
-                ("a", cluster_ip("198.19.0.10", vec![http(vec![ep("198.18.1.2", "node-1")])])),
-                ("b", cluster_ip("198.19.0.11", vec![http(vec![ep("198.18.1.3", "node-1")])])),
-            ],
-        );
-        let rules = file(&render_full(&m));
-        let server = file(
-            r#"
-import socket, sys
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((sys.argv[1], 8080))
-srv.listen(8)
-while True:
-    c, peer = srv.accept()
-    c.sendall(peer[0].encode())
-    c.close()
-"#,
-        );
-        let client = file(
-            r#"
-import socket, sys
-for name, addr in [("self", "198.19.0.10"), ("other", "198.19.0.11")]:
-    try:
-        print(name, socket.create_connection((addr, 80), timeout=2).recv(32).decode())
-    except OSError as e:
-        print(name, "failed", repr(e))
-"#,
-        );
-        let (server, client) = (server.path().display(), client.path().display());
-        let out = in_netns(&format!(
-            "ip link set lo up; sysctl -qw net.ipv4.ip_forward=1; \
-             for p in a:2 b:3; do n=${{p%:*}}; h=${{p#*:}}; \
-               unshare --net -- sleep 20 >/dev/null 2>&1 & pid=$!; sleep 0.2; eval pid_$n=$pid; \
-               ip link add v$n type veth peer name p$n; ip link set p$n netns $pid; \
-               ip addr add 198.18.1.1/32 dev v$n; ip link set v$n up; ip route add 198.18.1.$h/32 dev v$n; \
-               nsenter --net=/proc/$pid/ns/net sh -ec \"ip link set lo up; ip link set p$n up; \
-                 ip addr add 198.18.1.$h/32 dev p$n; ip route add 198.18.1.1/32 dev p$n; \
-                 ip route add default via 198.18.1.1 dev p$n\"; \
-               nsenter --net=/proc/$pid/ns/net timeout 20 python3 {server} 198.18.1.$h >/dev/null 2>&1 & \
-               eval srv_$n=$!; \
-             done; \
-             nft -f {}; sleep 0.3; nsenter --net=/proc/$pid_a/ns/net timeout 10 python3 {client}; \
-             kill $srv_a $srv_b $pid_a $pid_b",
-            rules.path().display(),
-        ));
-        assert_eq!(out, "self 198.18.1.1\nother 198.18.1.2\n");
-    }
-
-    /// `nft list` output as sorted tokens, each tagged with its chain, set or map, so that two
-    /// tables built along different paths compare equal when their content is.
-    fn normalized(listing: &str) -> Vec<String> {
-        let mut header = String::new();
-        let mut tokens = Vec::new();
-        for raw in listing.lines() {
-            let l = raw.trim();
-            if l.starts_with("chain ") || l.starts_with("set ") || l.starts_with("map ") {
-                header = l.to_owned();
-                continue;
-            }
-            let l = l.strip_prefix("elements = { ").unwrap_or(l);
-            for t in l.split(", ") {
-                let t = t.trim_end_matches(',').trim_end_matches(" }").trim();
-                if !t.is_empty() && t != "}" {
-                    tokens.push(format!("{header} | {t}"));
-                }
-            }
-        }
-        tokens.sort();
-        tokens
-    }
-
-    #[test]
-    fn nft_partial_sync_equals_full_sync() {
-        let prev = combined();
-        let next = next_of(&prev);
-        let forth = render_partial(&prev, &next);
-        let (chains, sets, hairpin) = stale(&forth);
-        let (full_prev, partial, cleanup, full_next) = (
-            file(&render_full(&prev)),
-            file(&forth.now),
-            file(&render_cleanup(&next, &chains, &sets, &hairpin)),
-            file(&render_full(&next)),
-        );
-        let (a, b, c, d) = (
-            full_prev.path().display(),
-            partial.path().display(),
-            cleanup.path().display(),
-            full_next.path().display(),
-        );
-        let incremental = in_netns(&format!("nft -f {a}; nft -f {b}; nft -f {c}; nft list table ip ferrolb"));
-        let fresh = in_netns(&format!("nft -f {d}; nft list table ip ferrolb"));
-        assert!(normalized(&fresh).len() > 100, "too little to compare:\n{fresh}");
-        assert_eq!(normalized(&incremental), normalized(&fresh));
-
-        // And back again, which deletes what was added.
-        let back = render_partial(&next, &prev);
-        let (chains, sets, hairpin) = stale(&back);
-        let (back, back_cleanup) = (file(&back.now), file(&render_cleanup(&prev, &chains, &sets, &hairpin)));
-        let (e, g) = (back.path().display(), back_cleanup.path().display());
-        let round_trip =
-            in_netns(&format!("nft -f {a}; nft -f {b}; nft -f {c}; nft -f {e}; nft -f {g}; nft list table ip ferrolb"));
-        let original = in_netns(&format!("nft -f {a}; nft list table ip ferrolb"));
-        assert_eq!(normalized(&round_trip), normalized(&original));
-        assert_ne!(normalized(&original), normalized(&fresh));
-
-        // Without the cleanup in between, coming back still gives the same rules.
-        let no_cleanup =
-            in_netns(&format!("nft -f {a}; nft -f {b}; nft -f {e}; nft -f {g}; nft list table ip ferrolb"));
-        assert_eq!(normalized(&no_cleanup), normalized(&original));
     }
 }

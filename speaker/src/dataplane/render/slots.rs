@@ -1,0 +1,161 @@
+//! Where each service port's endpoints sit in the endpoint maps.
+//!
+//! A port's endpoints are in one of 256 endpoint maps (none grows large: binding a map to a chain
+//! walks its elements, and a partial sync refills a changed map whole), at keys `base..base + n`.
+//! One number as the key keeps each element cheap for `nft` to parse (the endpoint elements are
+//! most of a full sync's work).
+//!
+//! Placement is a function of the model: ports are placed in order (Service key, then the
+//! Service's port order), each at its hash's base unless an earlier port's range is in the way,
+//! then at the next of its hash candidates that fits. So a port's base depends on the earlier
+//! ports of its own map only.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use super::super::model::Protocol;
+use super::services::{EndpointMap, PortId};
+
+/// What a port needs: a range of `size` keys in a map of `proto`, or an address-only map when
+/// every endpoint has `one_port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotRequest {
+    pub proto: Protocol,
+    pub one_port: Option<u16>,
+    pub size: usize,
+}
+
+/// Where a port's endpoints are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub map: EndpointMap,
+    pub base: u32,
+    /// The target port of every endpoint, when they share one: then the map (`endpoints-XX`)
+    /// holds addresses only, and the rule adds the port. Otherwise the map is
+    /// `endpoints-PROTO-XX`, of `address . port`.
+    pub port: Option<u16>,
+}
+
+impl Slot {
+    /// The key of the `i`-th entry (`i` is below the size the slot was placed with).
+    pub fn key(&self, i: usize) -> u64 {
+        u64::from(self.base) + i as u64
+    }
+}
+
+/// The map a port's endpoints go to, and its base candidates, in order.
+pub struct Candidates {
+    pub map: EndpointMap,
+    id: String,
+    first: u32,
+}
+
+impl Candidates {
+    pub fn of(id: &PortId, request: &SlotRequest) -> Self {
+        let id = id.to_string();
+        let d = Sha256::digest(format!("{id}/endpoints").as_bytes());
+        let proto = match request.one_port {
+            Some(_) => None,
+            None => Some(request.proto),
+        };
+        let map = EndpointMap { proto, index: d[0] };
+        Self { map, id, first: u32::from_be_bytes([d[1], d[2], d[3], d[4]]) }
+    }
+
+    /// The `attempt`-th base (0: the first choice).
+    pub fn base(&self, attempt: u32) -> u32 {
+        if attempt == 0 {
+            return self.first;
+        }
+        let d = Sha256::digest(format!("{}/endpoints/{attempt}", self.id).as_bytes());
+        u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+    }
+}
+
+/// Places service ports' key ranges in one pass over a model (see the module's doc).
+#[derive(Debug, Default)]
+pub struct Slots {
+    /// Endpoint map -> start of each taken range -> its end (exclusive).
+    pub taken: BTreeMap<EndpointMap, BTreeMap<u32, u64>>,
+    /// Port -> its slot, once placed.
+    pub placed: BTreeMap<PortId, Slot>,
+}
+
+impl Slots {
+    /// The slot of port `id`: where it was placed before, or a free range of `size` keys.
+    pub fn place(&mut self, id: &PortId, request: &SlotRequest) -> Slot {
+        if let Some(slot) = self.placed.get(id) {
+            return *slot;
+        }
+        let size = request.size.max(1) as u64;
+        let candidates = Candidates::of(id, request);
+        let taken = self.taken.entry(candidates.map).or_default();
+        let base = (0u32..).map(|a| candidates.base(a)).find(|b| fits(taken, *b, size)).unwrap_or_default();
+        taken.insert(base, u64::from(base) + size);
+        let slot = Slot { map: candidates.map, base, port: request.one_port };
+        self.placed.insert(id.clone(), slot);
+        slot
+    }
+}
+
+/// Whether `base..base + size` stays below 2^32 and overlaps no range of `taken`.
+pub fn fits(taken: &BTreeMap<u32, u64>, base: u32, size: u64) -> bool {
+    let end = u64::from(base) + size;
+    let before_ends = taken.range(..=base).next_back().map_or(0, |(_, e)| *e);
+    let after_starts = taken.range(base..).next().map_or(1 << 32, |(s, _)| u64::from(*s));
+    end <= 1 << 32 && before_ends <= u64::from(base) && after_starts >= end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::model::ServiceKey;
+
+    fn id(ns: &str, name: &str) -> PortId {
+        PortId { service: ServiceKey::new(ns, name), port: "http".into(), proto: Protocol::Tcp }
+    }
+
+    fn request(one_port: Option<u16>, size: usize) -> SlotRequest {
+        SlotRequest { proto: Protocol::Tcp, one_port, size }
+    }
+
+    /// A port whose hashed range is taken gets the next candidate that fits, the same one every
+    /// time, and ranges never overlap or pass 2^32.
+    #[test]
+    fn slots_never_overlap() {
+        let mut slots = Slots::default();
+        let first = slots.place(&id("a", "b"), &request(None, 10));
+        assert_eq!(slots.place(&id("a", "b"), &request(None, 99)), first, "placed once");
+
+        // The same port in a model where its hashed range is already taken.
+        let mut crowded = Slots::default();
+        crowded.taken.entry(first.map).or_default().insert(first.base.saturating_sub(5), u64::from(first.base) + 1);
+        let moved = crowded.place(&id("a", "b"), &request(None, 10));
+        assert_eq!(moved.map, first.map);
+        assert_ne!(moved.base, first.base);
+        let mut again =
+            Slots { taken: BTreeMap::from([(first.map, crowded.taken[&first.map].clone())]), ..Slots::default() };
+        again.taken.get_mut(&first.map).unwrap().remove(&moved.base);
+        assert_eq!(again.place(&id("a", "b"), &request(None, 10)), moved, "deterministic");
+
+        assert!(fits(&BTreeMap::new(), u32::MAX - 9, 10));
+        assert!(!fits(&BTreeMap::new(), u32::MAX - 8, 10));
+        let taken = BTreeMap::from([(100, 110)]);
+        assert!(fits(&taken, 90, 10) && fits(&taken, 110, 5));
+        assert!(!fits(&taken, 91, 10) && !fits(&taken, 109, 5) && !fits(&taken, 100, 1));
+
+        // Many ports: every range is where its elements are, and none overlaps another.
+        let mut many = Slots::default();
+        for i in 0..5000 {
+            many.place(&id("ns", &format!("svc-{i}")), &request(Some(80), 1 + i % 40));
+        }
+        for ranges in many.taken.values() {
+            let mut end = 0;
+            for (start, stop) in ranges {
+                assert!(u64::from(*start) >= end && *stop <= 1 << 32);
+                end = *stop;
+            }
+        }
+    }
+}
