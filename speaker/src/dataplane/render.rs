@@ -43,27 +43,25 @@
 //! [`slots`] (where ports' endpoints sit in the endpoint maps), all as values of
 //! [`super::nft`], which renders them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
-use super::model::{Family, Model, ServiceKey};
-use super::nft::{self, Element, Op, SetKind, Transaction};
+use super::model::{Family, Model};
+use super::nft::{Element, Op, Transaction};
 
 pub mod base;
 #[cfg(test)]
 mod equivalence;
 #[doc(hidden)]
 pub mod fixtures;
-#[cfg(test)]
-mod legacy;
+pub mod ruleset;
 pub mod services;
 pub mod slots;
 
 pub use super::nft::{COMMENT_MAX, TABLE};
 pub use base::MASQUERADE_MARK;
-use base::{Context, GlobalSet};
+pub use ruleset::Ruleset;
 pub use services::FAULT_REJECT_SERVICE_ENV;
-use services::{ChainKind, EndpointMap, ServiceChain, ServicePlan, ServiceRules, Verdict};
-use slots::Slots;
+use services::Verdict;
 
 /// A transaction that rebuilds the whole table for `model`, atomically.
 ///
@@ -84,49 +82,6 @@ pub fn render_create(model: &Model) -> String {
     render_table(model, false)
 }
 
-/// Every Service of a model, rendered, with what they share settled.
-struct Whole<'m> {
-    rules: BTreeMap<&'m ServiceKey, ServiceRules>,
-    /// `(set, key) -> verdict`: the first Service (by key) to claim a key keeps it.
-    elements: BTreeMap<(GlobalSet, String), Option<Verdict>>,
-    /// Endpoint map -> its elements.
-    buckets: BTreeMap<EndpointMap, BTreeSet<String>>,
-    slots: Slots,
-}
-
-impl<'m> Whole<'m> {
-    fn of(ctx: &Context, model: &'m Model) -> Self {
-        let mut slots = Slots::default();
-        let mut rules = BTreeMap::new();
-        let mut elements = BTreeMap::new();
-        let mut buckets: BTreeMap<EndpointMap, BTreeSet<String>> = BTreeMap::new();
-        for (key, svc) in &model.services {
-            let r = ServicePlan::new(ctx, key, svc).render(ctx, |id, request| slots.place(id, request));
-            for c in &r.claims {
-                elements.entry((c.set, c.key.clone())).or_insert_with(|| c.verdict.clone());
-            }
-            for (map, entry) in &r.entries {
-                buckets.entry(*map).or_default().insert(entry.clone());
-            }
-            rules.insert(key, r);
-        }
-        Self { rules, elements, buckets, slots }
-    }
-
-    fn set_elements(&self, ctx: &Context, set: GlobalSet) -> Vec<Element<'_>> {
-        match set {
-            GlobalSet::NodeIps => ctx.node_ip_elements(),
-            GlobalSet::PodCidrs => ctx.pod_cidr_elements(),
-            _ => self
-                .elements
-                .range((set, String::new())..)
-                .take_while(|((s, _), _)| *s == set)
-                .map(|((_, key), verdict)| element(key, verdict.as_ref()))
-                .collect(),
-        }
-    }
-}
-
 fn element<'a>(key: &'a str, verdict: Option<&Verdict>) -> Element<'a> {
     match verdict {
         Some(v) => Element::pair(key, v.to_string()),
@@ -135,58 +90,7 @@ fn element<'a>(key: &'a str, verdict: Option<&Verdict>) -> Element<'a> {
 }
 
 fn render_table(model: &Model, replace: bool) -> String {
-    let ctx = Context::of(model);
-    let whole = Whole::of(&ctx, model);
-    let t = ctx.table();
-    let mut tx = Transaction::new(model.family);
-    if replace {
-        tx.push(Op::AddTable);
-        tx.push(Op::DeleteTable);
-    }
-    tx.push(Op::AddTableWithComment);
-
-    tx.push(Op::Heading("sets and maps (verdict maps are filled at the end)"));
-    for g in ctx.global_sets() {
-        let set = g.set(t);
-        let elements = if set.kind() == SetKind::Set { whole.set_elements(&ctx, g) } else { Vec::new() };
-        tx.add_set(set, elements);
-    }
-    let mut affinity = BTreeMap::new();
-    let mut chains = BTreeMap::new();
-    for r in whole.rules.values() {
-        affinity.extend(r.affinity_sets.iter());
-        chains.extend(r.chains.iter());
-    }
-    for set in affinity.into_values() {
-        tx.add_set(set, Vec::new());
-    }
-    for (map, list) in &whole.buckets {
-        tx.add_set(map.set(t), list.iter().map(|e| Element::key(e.as_str())).collect());
-    }
-
-    tx.push(Op::Heading("chains"));
-    let base = ctx.base_chains();
-    for chain in base.iter().filter(|c| c.base.is_none()) {
-        tx.push(Op::AddChain(chain.into()));
-    }
-    // Service chains: the external ones jump to the others.
-    for external in [false, true] {
-        for c in chains.values().filter(|c| (c.kind == ChainKind::Ext) == external) {
-            tx.push(Op::AddChain((&c.chain).into()));
-        }
-    }
-    for chain in base.iter().filter(|c| c.base.is_some()) {
-        tx.push(Op::AddChain(chain.into()));
-    }
-
-    tx.push(Op::Heading("verdict map elements"));
-    for g in ctx.global_sets() {
-        let set = g.set(t);
-        if set.kind() == SetKind::Map {
-            tx.add_elements(set, whole.set_elements(&ctx, g));
-        }
-    }
-    tx.render()
+    Ruleset::new(model).render_full(replace)
 }
 
 /// What a partial sync does: a transaction to apply now, and the names of objects it left
@@ -225,139 +129,13 @@ pub struct PartialSync {
 /// idempotent `add`) so that `nft` knows their types without reading them. So only element
 /// deletions (a service, a port or its last endpoint going away) pay for the dump; chain and set
 /// deletions, and those of hairpin elements (harmless while they stay), are deferred.
+///
+/// This is [`Ruleset::update`] from a table rendered for `prev`; a speaker keeps its [`Ruleset`]
+/// from one sync to the next instead, and renders only the Services that changed.
 pub fn render_partial(prev: &Model, next: &Model) -> PartialSync {
-    let (old_ctx, ctx) = (Context::of(prev), Context::of(next));
-    // The service CIDRs are in a base chain's rule: a rare change, made by a full sync.
-    if old_ctx.needs_rebuild(&ctx) {
-        return PartialSync { now: render_full(next), full: true, ..PartialSync::default() };
-    }
-    let t = ctx.table();
-    // Elements are compared over all services: two services may claim the same address and port,
-    // and which one wins must not depend on which of them changed. Slots are placed over all
-    // services too.
-    let (before, after) = (Whole::of(&old_ctx, prev), Whole::of(&ctx, next));
-    // A service changed, or one whose endpoints moved to other keys (another one took its range).
-    let moved: BTreeSet<&ServiceKey> = before
-        .slots
-        .placed
-        .iter()
-        .filter(|(id, slot)| after.slots.placed.get(*id).is_some_and(|s| s != *slot))
-        .map(|(id, _)| &id.service)
-        .collect();
-    let changed: BTreeSet<&ServiceKey> = prev
-        .services
-        .keys()
-        .chain(next.services.keys())
-        .filter(|k| prev.services.get(*k) != next.services.get(*k) || moved.contains(k))
-        .collect();
-    let (old_chains, old_sets, _) = changed_objects(&before, &changed);
-    let (new_chains, new_sets, new_maps) = changed_objects(&after, &changed);
-
-    let mut body = Transaction::new(next.family);
-    // Chains first, empty, so that rules may jump to any of them.
-    for (name, c) in &new_chains {
-        if !old_chains.contains_key(name) {
-            body.push(Op::DeclareChain((&c.chain).into()));
-        }
-    }
-    for (name, c) in &new_chains {
-        match old_chains.get(name) {
-            Some(was) if was.chain.rules == c.chain.rules => continue,
-            Some(_) => body.push(Op::FlushChain(name.as_str().into())),
-            None => {}
-        }
-        body.push(Op::AddChain((&c.chain).into()));
-    }
-    // Emptying doomed chains drops their references to other chains and to affinity sets.
-    let stale_chains: Vec<String> =
-        old_chains.keys().filter(|n| !new_chains.contains_key(*n)).map(|n| (*n).clone()).collect();
-    for name in &stale_chains {
-        body.push(Op::FlushChain(name.as_str().into()));
-    }
-
-    if old_ctx.node_ips != ctx.node_ips && ctx.full() {
-        let set = GlobalSet::NodeIps.set(t);
-        body.push(Op::FlushSet(set.clone().into()));
-        body.add_elements(set, ctx.node_ip_elements());
-    }
-    if old_ctx.pod_cidrs != ctx.pod_cidrs {
-        let set = GlobalSet::PodCidrs.set(t);
-        body.push(Op::FlushSet(set.clone().into()));
-        body.add_elements(set, ctx.pod_cidr_elements());
-    }
-
-    let mut stale_hairpin = Vec::new();
-    for ((set, key), verdict) in &before.elements {
-        if after.elements.get(&(*set, key.clone())) != Some(verdict) {
-            if *set == GlobalSet::Hairpin {
-                stale_hairpin.push(key.clone());
-            } else {
-                body.push(Op::DeleteElement { set: set.name().into(), key: key.as_str().into() });
-            }
-        }
-    }
-    let mut added: BTreeMap<GlobalSet, Vec<Element<'_>>> = BTreeMap::new();
-    for ((set, key), verdict) in &after.elements {
-        if before.elements.get(&(*set, key.clone())) != Some(verdict) {
-            added.entry(*set).or_default().push(element(key, verdict.as_ref()));
-        }
-    }
-    for (set, elements) in added {
-        body.add_elements(set.set(t), elements);
-    }
-
-    // An endpoint map that changed is emptied and filled again (a flush needs no cache, element
-    // deletions would); one emptied for good is left for the cleanup.
-    let mut stale_sets: Vec<String> =
-        old_sets.keys().filter(|n| !new_sets.contains_key(*n)).map(|n| (*n).clone()).collect();
-    let mut declare_maps = new_maps;
-    let names: BTreeSet<&EndpointMap> = before.buckets.keys().chain(after.buckets.keys()).collect();
-    for map in names {
-        let (was, is) = (before.buckets.get(map), after.buckets.get(map));
-        if was == is {
-            continue;
-        }
-        declare_maps.insert(*map);
-        if was.is_some() {
-            body.push(Op::FlushSet(map.set(t).into()));
-        }
-        match is {
-            Some(list) => body.add_elements(map.set(t), list.iter().map(|e| Element::key(e.as_str())).collect()),
-            None => stale_sets.push(map.name()),
-        }
-    }
-    if body.is_empty() {
-        return PartialSync { stale_chains, stale_sets, stale_hairpin, ..PartialSync::default() };
-    }
-    // Declarations first: `nft` resolves `@set` references against them instead of reading the
-    // kernel's sets. Re-adding an existing set with the same specification changes nothing.
-    let mut now = Transaction::new(next.family);
-    for g in ctx.global_sets() {
-        now.add_set(g.set(t), Vec::new());
-    }
-    for set in new_sets.into_values() {
-        now.add_set(set, Vec::new());
-    }
-    for map in &declare_maps {
-        now.add_set(map.set(t), Vec::new());
-    }
-    now.ops.extend(body.ops);
-    PartialSync { now: now.render(), full: false, stale_chains, stale_sets, stale_hairpin }
-}
-
-type Objects<'w> = (BTreeMap<&'w String, &'w ServiceChain>, BTreeMap<&'w String, &'w nft::Set>, BTreeSet<EndpointMap>);
-
-/// The chains, affinity sets and endpoint maps of the `changed` Services of `whole`.
-fn changed_objects<'w>(whole: &'w Whole<'_>, changed: &BTreeSet<&ServiceKey>) -> Objects<'w> {
-    let mut chains = BTreeMap::new();
-    let mut sets = BTreeMap::new();
-    let mut maps = BTreeSet::new();
-    for r in changed.iter().filter_map(|k| whole.rules.get(*k)) {
-        chains.extend(r.chains.iter());
-        sets.extend(r.affinity_sets.iter());
-        maps.extend(r.endpoint_maps.iter().copied());
-    }
-    (chains, sets, maps)
+    let mut ruleset = Ruleset::new(prev);
+    let keys = ruleset.all_keys(next);
+    ruleset.update(next, &keys).0
 }
 
 /// A transaction deleting the stale chains, sets and hairpin elements that `model` does not use
@@ -369,26 +147,7 @@ pub fn render_cleanup(
     stale_sets: &BTreeSet<String>,
     stale_hairpin: &BTreeSet<String>,
 ) -> String {
-    let ctx = Context::of(model);
-    let whole = Whole::of(&ctx, model);
-    let chains: BTreeSet<&String> = whole.rules.values().flat_map(|r| r.chains.keys()).collect();
-    let sets: BTreeSet<String> = whole
-        .rules
-        .values()
-        .flat_map(|r| r.affinity_sets.keys().cloned())
-        .chain(whole.buckets.keys().map(|m| m.name()))
-        .collect();
-    let mut tx = Transaction::new(model.family);
-    for name in stale_chains.iter().filter(|n| !chains.contains(n)) {
-        tx.push(Op::DeleteChain(name.as_str().into()));
-    }
-    for name in stale_sets.iter().filter(|n| !sets.contains(*n)) {
-        tx.push(Op::DeleteSet(name.as_str().into()));
-    }
-    for key in stale_hairpin.iter().filter(|k| !whole.elements.contains_key(&(GlobalSet::Hairpin, (*k).clone()))) {
-        tx.push(Op::DeleteElement { set: GlobalSet::Hairpin.name().into(), key: key.as_str().into() });
-    }
-    tx.render()
+    Ruleset::new(model).render_cleanup(stale_chains, stale_sets, stale_hairpin)
 }
 
 /// A transaction that creates an empty table for `family`, and fails if there is one: how a

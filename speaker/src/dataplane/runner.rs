@@ -28,7 +28,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::model::{Family, Model, ServiceKey, ServiceModel};
-use super::render::{render_cleanup, render_create, render_create_table, render_delete, render_full, render_partial};
+use super::render::{Ruleset, render_create_table, render_delete, render_full};
 
 /// Why a sync failed.
 #[derive(Debug, thiserror::Error)]
@@ -143,8 +143,8 @@ pub struct Synced {
 /// What the kernel holds for one family, as far as the runner knows.
 #[derive(Debug)]
 struct Applied {
-    /// The model last applied with success.
-    model: Model,
+    /// The table last applied with success, kept for the next partial sync.
+    ruleset: Ruleset,
     /// Emptied chains left for [`Runner::cleanup`].
     stale_chains: BTreeSet<String>,
     /// Unused affinity sets left for [`Runner::cleanup`].
@@ -186,32 +186,43 @@ impl Runner {
         Self { nft, ..Self::default() }
     }
 
+    /// Makes the kernel's table for `model.family` match `model`, when anything in it may have
+    /// changed: [`Runner::apply_changes`] without a list of changed Services.
+    pub async fn apply(&mut self, model: Model) -> Result<Synced, Error> {
+        self.apply_changes(&model, None).await
+    }
+
     /// Makes the kernel's table for `model.family` match `model`: partially when the last sync of
-    /// that family succeeded, fully otherwise. On error the next sync is a full one.
+    /// that family succeeded, fully otherwise. On error the next sync is a full one. `changed`
+    /// lists the Services that may differ from the last sync (`None`: any of them); a partial
+    /// sync renders those only.
     ///
     /// Services whose rules `nft` refuses are left out (see [`Runner::rejected`]) and the rest is
     /// applied: that is a success. A refusal that no single Service explains is an error.
-    pub async fn apply(&mut self, model: Model) -> Result<Synced, Error> {
+    pub async fn apply_changes(
+        &mut self,
+        model: &Model,
+        changed: Option<&BTreeSet<ServiceKey>>,
+    ) -> Result<Synced, Error> {
         let family = model.family;
         // A left-out Service is tried again once it changes (or goes away).
         let rejected = self.rejected.entry(family).or_default();
         rejected.retain(|key, r| model.services.get(key) == Some(&r.refused));
-        let effective = self.without_rejected(model);
-        let (err, effective) = match self.apply_as_is(effective).await {
+        let err = match self.apply_as_is(model, changed).await {
             Ok(synced) => return Ok(synced),
-            Err((e @ Error::Rejected { .. }, effective)) => (e, effective),
-            Err((e, _)) => return Err(e),
+            Err(e @ Error::Rejected { .. }) => e,
+            Err(e) => return Err(e),
         };
-        // No copy of the model on the way: the one asked for is the one applied with each
-        // left-out Service as it was refused (it has not changed since, or it would be retried).
-        let mut model = effective;
-        for (key, r) in self.rejected(family) {
-            model.services.insert(key.clone(), r.refused.clone());
-        }
+        // The model asked for holds each left-out Service as it was refused (it has not changed
+        // since, or it would be retried).
         let nft = self.nft.clone();
         let culprits = find_rejected(model.services.keys().cloned().collect(), async |keys: &[ServiceKey]| {
-            let mut alone = model.clone();
-            alone.services.retain(|k, _| keys.binary_search(k).is_ok());
+            let mut alone = Model { services: BTreeMap::new(), ..model.clone() };
+            for key in keys {
+                if let Some(svc) = model.services.get(key) {
+                    alone.services.insert(key.clone(), svc.clone());
+                }
+            }
             match nft.check(&render_full(&alone)).await {
                 Ok(()) => Ok(None),
                 Err(Error::Rejected { stderr, .. }) => Ok(Some(stderr)),
@@ -230,15 +241,16 @@ impl Runner {
             let refused = model.services.get(&key).cloned().unwrap_or_default();
             rejected.insert(key, Rejected { refused, nft: words, kept_previous });
         }
-        let effective = self.without_rejected(model);
-        self.apply_as_is(effective).await.map_err(|(e, _)| e)
+        // The failure forgot the table: this is a full sync.
+        self.apply_as_is(model, None).await
     }
 
-    /// `model` with each left-out Service as it was last accepted, or without it.
-    fn without_rejected(&self, mut model: Model) -> Model {
+    /// `model` with each left-out Service as `before` has it (the last version accepted), or
+    /// without it.
+    fn without_rejected(&self, model: &Model, before: Option<&Model>) -> Model {
+        let mut model = model.clone();
         let family = model.family;
         let Some(rejected) = self.rejected.get(&family).filter(|r| !r.is_empty()) else { return model };
-        let before = self.applied.get(&family).map(|a| &a.model).or_else(|| self.before_failure.get(&family));
         for key in rejected.keys() {
             match before.and_then(|b| b.services.get(key)) {
                 Some(svc) => model.services.insert(key.clone(), svc.clone()),
@@ -253,51 +265,68 @@ impl Runner {
         self.rejected.get(&family).into_iter().flatten()
     }
 
-    /// [`Runner::apply`] without leaving anything out; on error, the model comes back.
-    async fn apply_as_is(&mut self, model: Model) -> Result<Synced, (Error, Model)> {
+    /// [`Runner::apply_changes`] without finding Services to leave out (those already left out
+    /// stay out).
+    async fn apply_as_is(&mut self, model: &Model, changed: Option<&BTreeSet<ServiceKey>>) -> Result<Synced, Error> {
         let start = Instant::now();
         let family = model.family;
         let prev = self.applied.remove(&family);
-        let prev_stale_since = prev.as_ref().and_then(|p| p.stale_since);
-        let mut prev_model = None;
-        let (kind, script, stale) = match prev {
-            Some(prev) => {
-                let partial = render_partial(&prev.model, &model);
-                prev_model = Some(prev.model);
-                if partial.full {
-                    (SyncKind::Full, partial.now, None)
-                } else {
-                    let mut chains = prev.stale_chains;
-                    let mut sets = prev.stale_sets;
-                    let mut hairpin = prev.stale_hairpin;
-                    chains.extend(partial.stale_chains);
-                    sets.extend(partial.stale_sets);
-                    hairpin.extend(partial.stale_hairpin);
-                    (SyncKind::Partial, partial.now, Some((chains, sets, hairpin)))
+        // A full sync after a partial one (node, mode or service CIDRs changed) starts from what
+        // the table held.
+        let before_rebuild =
+            prev.as_ref().filter(|p| p.ruleset.needs_rebuild(model)).map(|p| p.ruleset.model().clone());
+        let (kind, script, ruleset, undo, stale) = match prev.filter(|p| !p.ruleset.needs_rebuild(model)) {
+            Some(mut prev) => {
+                let mut keys = match changed {
+                    Some(keys) => keys.clone(),
+                    None => prev.ruleset.all_keys(model),
+                };
+                // A left-out Service keeps what the table has for it.
+                if let Some(rejected) = self.rejected.get(&family) {
+                    keys.retain(|k| !rejected.contains_key(k));
                 }
+                let (partial, undo) = prev.ruleset.update(model, &keys);
+                prev.stale_chains.extend(partial.stale_chains);
+                prev.stale_sets.extend(partial.stale_sets);
+                prev.stale_hairpin.extend(partial.stale_hairpin);
+                let stale = (prev.stale_chains, prev.stale_sets, prev.stale_hairpin, prev.stale_since);
+                (SyncKind::Partial, partial.now, prev.ruleset, Some(undo), stale)
             }
-            // A table left by an earlier run is replaced; where there is none, filling a new
-            // one spares the kernel's wait on a table deletion. `create table` tells which.
-            None => match self.nft.run(&render_create_table(family)).await {
-                Ok(()) => (SyncKind::Full, render_create(&model), None),
-                Err(Error::Rejected { .. }) => (SyncKind::Full, render_full(&model), None),
-                Err(e) => return Err((e, model)),
-            },
+            None => {
+                let before = before_rebuild.as_ref().or_else(|| self.before_failure.get(&family));
+                let ruleset = Ruleset::new(&self.without_rejected(model, before));
+                let script = if before_rebuild.is_some() {
+                    ruleset.render_full(true)
+                } else {
+                    // A table left by an earlier run is replaced; where there is none, filling a
+                    // new one spares the kernel's wait on a table deletion. `create table` tells
+                    // which.
+                    match self.nft.run(&render_create_table(family)).await {
+                        Ok(()) => ruleset.render_full(false),
+                        Err(Error::Rejected { .. }) => ruleset.render_full(true),
+                        Err(e) => return Err(e),
+                    }
+                };
+                if let Some(b) = before_rebuild {
+                    self.before_failure.insert(family, b);
+                }
+                (SyncKind::Full, script, ruleset, None, Default::default())
+            }
         };
         let prepared = start.elapsed();
         let ran = !script.is_empty();
         if ran && let Err(e) = self.nft.run(&script).await {
             // The transaction changed nothing: the kernel still holds what it held before.
-            if let Some(prev) = prev_model {
-                self.before_failure.insert(family, prev);
+            if let Some(undo) = undo {
+                self.before_failure.insert(family, ruleset.undone(undo));
             }
-            return Err((e, model));
+            return Err(e);
         }
         self.before_failure.remove(&family);
-        let (stale_chains, stale_sets, stale_hairpin) = stale.unwrap_or_default();
+        let (stale_chains, stale_sets, stale_hairpin, prev_stale_since) = stale;
         let has_stale = !stale_chains.is_empty() || !stale_sets.is_empty() || !stale_hairpin.is_empty();
         let stale_since = has_stale.then(|| prev_stale_since.unwrap_or(start));
-        self.applied.insert(family, Applied { model, stale_chains, stale_sets, stale_hairpin, stale_since });
+        self.applied.insert(family, Applied { ruleset, stale_chains, stale_sets, stale_hairpin, stale_since });
         let took = if ran { start.elapsed() } else { Duration::ZERO };
         Ok(Synced { kind, took, prepared, bytes: script.len(), ran })
     }
@@ -325,12 +354,12 @@ impl Runner {
         for family in families {
             let Some(applied) = self.applied.get_mut(&family) else { continue };
             let script =
-                render_cleanup(&applied.model, &applied.stale_chains, &applied.stale_sets, &applied.stale_hairpin);
+                applied.ruleset.render_cleanup(&applied.stale_chains, &applied.stale_sets, &applied.stale_hairpin);
             if !script.is_empty()
                 && let Err(e) = self.nft.run(&script).await
             {
                 if let Some(a) = self.applied.remove(&family) {
-                    self.before_failure.insert(family, a.model);
+                    self.before_failure.insert(family, a.ruleset.model().clone());
                 }
                 return Err(e);
             }
@@ -352,7 +381,7 @@ impl Runner {
 
     /// The model last applied for `family`, if the last sync succeeded.
     pub fn last(&self, family: Family) -> Option<&Model> {
-        self.applied.get(&family).map(|a| &a.model)
+        self.applied.get(&family).map(|a| a.ruleset.model())
     }
 }
 
