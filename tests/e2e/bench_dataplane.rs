@@ -488,15 +488,11 @@ impl Bench {
         peer.stop();
         let t0 = Instant::now();
         peer.start()?;
-        let (sum, count) = ferrolb_e2e::wait_for_every(
-            "both families' full syncs",
-            bound,
-            Duration::from_millis(50),
-            || {
+        let (sum, count) =
+            ferrolb_e2e::wait_for_every("both families' full syncs", bound, Duration::from_millis(50), || {
                 let (s, c) = peer.syncs(true)?;
                 Ok((c >= 2).then_some((s, c)))
-            },
-        )?;
+            })?;
         let wall = t0.elapsed().as_secs_f64();
         eprintln!("{} restart at {n}: {wall:.2} s, full syncs {sum:.3} s over {count}", peer.name());
         Ok((wall, sum))
@@ -505,7 +501,8 @@ impl Bench {
     /// The two kinds of update, `UPDATES` times each, while `other` is frozen.
     fn updates(&mut self, peer: &Peer, other: &Peer, n: usize) -> Result<()> {
         other.signal("-STOP");
-        let r = self.updates_inner(peer, n, Update::Endpoint).and_then(|()| self.updates_inner(peer, n, Update::Service));
+        let r =
+            self.updates_inner(peer, n, Update::Endpoint).and_then(|()| self.updates_inner(peer, n, Update::Service));
         other.signal("-CONT");
         r
     }
@@ -581,7 +578,13 @@ impl Bench {
         eprintln!("{} {label} at {n}: wall {walls:?}, partial sync metric {metric:?}, syncs {syncs:?}", peer.name());
         self.row(&format!("{label}: API write -> partial sync done, p50"), n, "ms", peer.kind, pct(&walls, 0.5) * 1e3);
         self.row(&format!("{label}: API write -> partial sync done, max"), n, "ms", peer.kind, pct(&walls, 1.0) * 1e3);
-        self.row(&format!("{label}: partial sync (own metric, per sync), p50"), n, "ms", peer.kind, pct(&metric, 0.5) * 1e3);
+        self.row(
+            &format!("{label}: partial sync (own metric, per sync), p50"),
+            n,
+            "ms",
+            peer.kind,
+            pct(&metric, 0.5) * 1e3,
+        );
         Ok(())
     }
 
@@ -760,7 +763,15 @@ fn main() -> Result<()> {
             let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
             anyhow::Ok(kube::Client::try_from(config)?)
         })?;
-        Ok(Bench { rt, client, lab: Lab::new()?, rows: Vec::new(), notes: Vec::new(), next_addr: 0, ports: BTreeMap::new() })
+        Ok(Bench {
+            rt,
+            client,
+            lab: Lab::new()?,
+            rows: Vec::new(),
+            notes: Vec::new(),
+            next_addr: 0,
+            ports: BTreeMap::new(),
+        })
     })();
     let mut bench = match r {
         Ok(b) => b,
