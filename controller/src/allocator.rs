@@ -11,12 +11,19 @@
 //! Invariants (proptest below): every address handed out comes from a pool the service may
 //! use; an address is held by two services only when they may share it; releasing frees
 //! exactly what was held.
+//!
+//! Cost: allocating, restoring or releasing one service is O(log n) in the services held, as
+//! each pool range keeps its free addresses as intervals ([`crate::free_index`]), services are
+//! found by sharing key, and pool edits are the only thing that walks every allocation.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ferrolb_config::{Family, Pool, Pools};
 use thiserror::Error;
+
+use crate::free_index::FreeIndex;
 
 /// A Service, by namespace and name: the one key type shared with the speaker.
 pub use ferrolb_config::ServiceKey;
@@ -212,6 +219,13 @@ pub struct Allocator {
     pools: BTreeMap<String, Pool>,
     allocations: BTreeMap<ServiceKey, Allocation>,
     by_ip: BTreeMap<IpAddr, BTreeSet<ServiceKey>>,
+    /// The free addresses of each pool range, kept in step with `by_ip`: finding the lowest
+    /// free address costs no walk of the held ones.
+    free: FreeIndex,
+    /// Services by sharing key, so a service finds one to share with without a walk of all.
+    by_sharing_key: BTreeMap<String, BTreeSet<ServiceKey>>,
+    /// Services holding addresses no pool covers (`Allocation::pool` is `None`).
+    orphans: BTreeSet<ServiceKey>,
 }
 
 /// Per pool and family: addresses in use and available.
@@ -229,7 +243,8 @@ fn families_text(f: &FamilyPolicy) -> String {
 
 impl Allocator {
     pub fn new(pools: &Pools) -> Self {
-        Allocator { pools: pools.pools.clone(), ..Default::default() }
+        let free = FreeIndex::new(&pools.pools, &BTreeMap::<IpAddr, ()>::new());
+        Allocator { pools: pools.pools.clone(), free, ..Default::default() }
     }
 
     pub fn pools(&self) -> &BTreeMap<String, Pool> {
@@ -239,7 +254,12 @@ impl Allocator {
     /// Replaces the pools. Allocations are kept; those whose addresses no pool covers any
     /// more are returned, so the caller can say so (their services keep working).
     pub fn set_pools(&mut self, pools: &Pools) -> Vec<ServiceKey> {
+        if pools.pools == self.pools {
+            // Every pass sets the pools; nothing moves unless they changed.
+            return self.orphans.iter().cloned().collect();
+        }
         self.pools = pools.pools.clone();
+        self.free = FreeIndex::new(&self.pools, &self.by_ip);
         let mut orphaned = Vec::new();
         for (key, a) in self.allocations.iter_mut() {
             let still =
@@ -252,6 +272,7 @@ impl Allocator {
                 }
             }
         }
+        self.orphans = orphaned.iter().cloned().collect();
         orphaned
     }
 
@@ -276,18 +297,46 @@ impl Allocator {
                 set.remove(key);
                 if set.is_empty() {
                     self.by_ip.remove(ip);
+                    self.free.give(*ip);
                 }
             }
         }
+        self.unindex_sharing(key, a.sharing.key.as_deref());
+        self.orphans.remove(key);
         Some(a)
     }
 
     fn insert(&mut self, key: ServiceKey, a: Allocation) {
         self.release(&key);
         for ip in &a.ips {
-            self.by_ip.entry(*ip).or_default().insert(key.clone());
+            match self.by_ip.entry(*ip) {
+                Entry::Vacant(v) => {
+                    v.insert([key.clone()].into());
+                    self.free.take(*ip);
+                }
+                Entry::Occupied(mut o) => {
+                    o.get_mut().insert(key.clone());
+                }
+            }
+        }
+        if let Some(k) = &a.sharing.key {
+            self.by_sharing_key.entry(k.clone()).or_default().insert(key.clone());
+        }
+        if a.pool.is_none() {
+            self.orphans.insert(key.clone());
         }
         self.allocations.insert(key, a);
+    }
+
+    fn unindex_sharing(&mut self, key: &ServiceKey, sharing_key: Option<&str>) {
+        if let Some(k) = sharing_key
+            && let Some(set) = self.by_sharing_key.get_mut(k)
+        {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_sharing_key.remove(k);
+            }
+        }
     }
 
     /// Whether `ip` may be taken by a service with `sharing` (other than `me`).
@@ -336,8 +385,14 @@ impl Allocator {
             if a.ips.iter().any(|ip| self.check_free(*ip, &req.key, &sharing).is_err()) {
                 return false;
             }
-            if let Some(a) = self.allocations.get_mut(&req.key) {
-                a.sharing = sharing;
+            let old = self.allocations.get_mut(&req.key).map(|a| std::mem::replace(&mut a.sharing, sharing));
+            if let Some(old) = old
+                && old.key != req.sharing_key
+            {
+                self.unindex_sharing(&req.key, old.key.as_deref());
+                if let Some(k) = &req.sharing_key {
+                    self.by_sharing_key.entry(k.clone()).or_default().insert(req.key.clone());
+                }
             }
         }
         let Some(a) = self.allocations.get(&req.key) else { return false };
@@ -494,11 +549,12 @@ impl Allocator {
     /// One address of family `f` from `pool`: one this service can share if its sharing key
     /// has one there, else the lowest free one.
     fn pick(&self, pool: &Pool, f: Family, req: &Request, sharing: &Sharing) -> Result<IpAddr, AllocError> {
-        if sharing.key.is_some() {
-            let shared = self.allocations.iter().filter(|(k, a)| {
-                *k != &req.key && a.sharing.key == sharing.key && a.pool.as_deref() == Some(pool.name.as_str())
-            });
-            for (_, a) in shared {
+        if let Some(key) = &sharing.key {
+            let shared = (self.by_sharing_key.get(key).into_iter().flatten())
+                .filter(|k| *k != &req.key)
+                .filter_map(|k| self.allocations.get(k))
+                .filter(|a| a.pool.as_deref() == Some(pool.name.as_str()));
+            for a in shared {
                 for ip in a.ips.iter().filter(|ip| Family::of(ip) == f) {
                     if self.check_free(*ip, &req.key, sharing).is_ok() {
                         return Ok(*ip);
@@ -517,21 +573,17 @@ impl Allocator {
             .ok_or_else(|| AllocError::PoolExhausted { pool: pool.name.clone(), family: f })
     }
 
-    /// The lowest usable address of family `f` in `pool` that nobody but `me` holds. Walks the
-    /// held addresses of each range in order, so it costs the number of held addresses in the
-    /// range, not the size of the range.
+    /// The lowest usable address of family `f` in `pool` that nobody but `me` holds, the
+    /// pool's ranges taken in order. O(log n): each range's index knows its lowest free address.
     fn lowest_free(&self, pool: &Pool, f: Family, me: &ServiceKey) -> Option<IpAddr> {
-        for range in pool.ranges.iter().filter(|r| r.family() == f) {
-            let mut cand = Some(range.first);
-            let mut held = self.by_ip.range(range.first..=range.last).peekable();
-            while let Some(c) = cand.filter(|c| *c <= range.last) {
-                // Skip held addresses below the candidate.
-                while held.next_if(|(ip, _)| **ip < c).is_some() {}
-                let taken = held.peek().is_some_and(|(ip, keys)| **ip == c && keys.iter().any(|k| k != me));
-                if !taken && pool.is_usable(c) {
-                    return Some(c);
-                }
-                cand = next_ip(c);
+        // What `me` alone holds is free for it (the index counts it as held).
+        let mine: Vec<IpAddr> = (self.allocations.get(me).into_iter().flat_map(|a| a.ips.iter().copied()))
+            .filter(|ip| pool.is_usable(*ip) && self.holders(*ip).all(|k| k == me))
+            .collect();
+        for range in self.free.ranges(&pool.name).iter().filter(|r| r.range().family() == f) {
+            let own = mine.iter().copied().filter(|ip| range.range().contains(*ip));
+            if let Some(ip) = own.chain(range.lowest_free()).min() {
+                return Some(ip);
             }
         }
         None
@@ -542,8 +594,11 @@ impl Allocator {
         self.pools
             .values()
             .map(|p| {
-                let in_use =
-                    |f: Family| self.by_ip.keys().filter(|ip| Family::of(ip) == f && p.contains(**ip)).count() as u64;
+                // The ranges of a pool are disjoint (`build_pools` merges them).
+                let in_use = |f: Family| {
+                    let held = self.free.ranges(&p.name).iter().filter(|r| r.range().family() == f).map(|r| r.held());
+                    u64::try_from(held.fold(0, u128::saturating_add)).unwrap_or(u64::MAX)
+                };
                 let (u4, u6) = (in_use(Family::V4), in_use(Family::V6));
                 let cap = |f: Family| u64::try_from(p.usable_count(f)).unwrap_or(u64::MAX);
                 let usage = PoolUsage {
@@ -555,14 +610,6 @@ impl Allocator {
                 (p.name.clone(), usage)
             })
             .collect()
-    }
-}
-
-/// The address after `ip`, if there is one.
-fn next_ip(ip: IpAddr) -> Option<IpAddr> {
-    match ip {
-        IpAddr::V4(a) => u32::from(a).checked_add(1).map(|n| IpAddr::V4(n.into())),
-        IpAddr::V6(a) => u128::from(a).checked_add(1).map(|n| IpAddr::V6(n.into())),
     }
 }
 
@@ -580,20 +627,29 @@ mod tests {
     use ferrolb_config::{PoolInput, build_pools};
     use proptest::prelude::*;
 
+    /// Pools of `(name, addresses, autoAssign)`, created in that order.
     fn pools(specs: &[(&str, &[&str], bool)]) -> Pools {
+        pools_with(specs, |spec, auto| spec.auto_assign = Some(auto))
+    }
+
+    /// Pools of `(name, addresses, flag)`, created in that order; `set` says what the flag is.
+    fn pools_with(specs: &[(&str, &[&str], bool)], set: fn(&mut IPAddressPoolSpec, bool)) -> Pools {
         build_pools(
             specs
                 .iter()
                 .enumerate()
-                .map(|(i, (name, addrs, auto))| PoolInput {
-                    name: name.to_string(),
-                    labels: BTreeMap::new(),
-                    created: Some(format!("2026-01-01T00:00:{i:02}Z")),
-                    spec: IPAddressPoolSpec {
+                .map(|(i, (name, addrs, flag))| {
+                    let mut spec = IPAddressPoolSpec {
                         addresses: addrs.iter().map(|a| a.to_string()).collect(),
-                        auto_assign: Some(*auto),
                         ..Default::default()
-                    },
+                    };
+                    set(&mut spec, *flag);
+                    PoolInput {
+                        name: name.to_string(),
+                        labels: BTreeMap::new(),
+                        created: Some(format!("2026-01-01T00:00:{i:02}Z")),
+                        spec,
+                    }
                 })
                 .collect(),
         )
@@ -860,7 +916,112 @@ mod tests {
         r
     }
 
+    /// The lowest free address as it was found before the index: every address of the pool's
+    /// ranges of family `f`, in order, the first usable one nobody but `me` holds.
+    fn lowest_free_by_walk(a: &Allocator, pool: &Pool, f: Family, me: &ServiceKey) -> Option<IpAddr> {
+        (pool.ranges.iter().filter(|r| r.family() == f).flat_map(|r| r.iter()))
+            .find(|c| pool.is_usable(*c) && a.holders(*c).all(|k| k == me))
+    }
+
+    /// Addresses in use per pool, counted from the holders.
+    fn usage_by_walk(a: &Allocator, pool: &Pool, f: Family) -> u64 {
+        let held: BTreeSet<IpAddr> = a.allocations().flat_map(|(_, x)| x.ips.iter().copied()).collect();
+        held.iter().filter(|ip| Family::of(ip) == f && pool.contains(**ip)).count() as u64
+    }
+
+    #[derive(Clone, Debug)]
+    enum IndexOp {
+        Alloc { svc: u8, v6: bool, pool: Option<u8> },
+        Restore { svc: u8, ips: Vec<(bool, u16)> },
+        Release { svc: u8 },
+        Repool { which: u8 },
+    }
+
+    fn index_op() -> impl Strategy<Value = IndexOp> {
+        prop_oneof![
+            4 => (0u8..24, any::<bool>(), proptest::option::of(0u8..3))
+                .prop_map(|(svc, v6, pool)| IndexOp::Alloc { svc, v6, pool }),
+            2 => (0u8..24, proptest::collection::vec((any::<bool>(), 0u16..700), 1..3))
+                .prop_map(|(svc, ips)| IndexOp::Restore { svc, ips }),
+            2 => (0u8..24).prop_map(|svc| IndexOp::Release { svc }),
+            1 => (0u8..3).prop_map(|which| IndexOp::Repool { which }),
+        ]
+    }
+
+    /// Pools that cross .255/.0 boundaries with and without avoidBuggyIPs, in several ranges,
+    /// in three versions a pool edit switches between.
+    fn index_pools(which: u8) -> Pools {
+        let build =
+            |specs: &[(&str, &[&str], bool)]| pools_with(specs, |spec, avoid| spec.avoid_buggy_ips = Some(avoid));
+        match which {
+            0 => build(&[
+                ("a", &["192.0.2.250-192.0.3.4", "2001:db8:1::fffe-2001:db8:1::1:3"], true),
+                ("b", &["192.0.3.250-192.0.4.3", "192.0.4.100/31"], false),
+                ("c", &["192.0.5.0/24", "2001:db8:2::/120"], true),
+            ]),
+            1 => build(&[
+                ("a", &["192.0.2.252-192.0.3.2", "2001:db8:1::ffff-2001:db8:1::1:1"], false),
+                ("c", &["192.0.5.0/25", "192.0.3.250-192.0.4.3"], true),
+            ]),
+            _ => build(&[]),
+        }
+    }
+
+    /// An address for a restore: IPv4 from 192.0.2.200 on, IPv6 from 2001:db8:1::ff00 on.
+    fn index_ip(v6: bool, n: u16) -> IpAddr {
+        if v6 {
+            let base: u128 = "2001:db8:1::ff00".parse::<std::net::Ipv6Addr>().unwrap().into();
+            IpAddr::V6((base + u128::from(n)).into())
+        } else {
+            let base: u32 = "192.0.2.200".parse::<std::net::Ipv4Addr>().unwrap().into();
+            IpAddr::V4((base + u32::from(n)).into())
+        }
+    }
+
     proptest! {
+        /// The free-range index gives the address the walk over every address gave, and the
+        /// same usage, under any sequence of allocations, restores, releases and pool edits.
+        #[test]
+        fn the_index_picks_what_a_walk_picks(ops in proptest::collection::vec(index_op(), 1..80)) {
+            let mut a = Allocator::new(&index_pools(0));
+            for op in ops {
+                match op {
+                    IndexOp::Alloc { svc, v6, pool } => {
+                        let mut r = req(&format!("s{svc}"));
+                        r.families.families = vec![if v6 { Family::V6 } else { Family::V4 }];
+                        r.pool = pool.map(|p| ["a", "b", "c"][usize::from(p)].to_string());
+                        let _ = a.allocate(&r);
+                    }
+                    IndexOp::Restore { svc, ips } => {
+                        let ips: Vec<IpAddr> = ips.iter().map(|(v6, n)| index_ip(*v6, *n)).collect();
+                        let _ = a.restore(&req(&format!("s{svc}")), &ips);
+                    }
+                    IndexOp::Release { svc } => {
+                        a.release(&req(&format!("s{svc}")).key);
+                    }
+                    IndexOp::Repool { which } => {
+                        a.set_pools(&index_pools(which));
+                    }
+                }
+                let mut keys: Vec<ServiceKey> = a.allocations().map(|(k, _)| k.clone()).collect();
+                keys.push(req("nobody").key);
+                let usage = a.usage();
+                for pool in a.pools().values() {
+                    for f in [Family::V4, Family::V6] {
+                        for me in &keys {
+                            prop_assert_eq!(a.lowest_free(pool, f, me), lowest_free_by_walk(&a, pool, f, me), "{} {} {}", pool.name, f, me);
+                        }
+                        let u = usage[&pool.name];
+                        let in_use = if f == Family::V4 { u.in_use_v4 } else { u.in_use_v6 };
+                        prop_assert_eq!(in_use, usage_by_walk(&a, pool, f));
+                    }
+                }
+                let orphans: Vec<ServiceKey> = a.allocations().filter(|(_, x)| x.pool.is_none()).map(|(k, _)| k.clone()).collect();
+                let pools = Pools { pools: a.pools().clone(), rejected: BTreeMap::new() };
+                prop_assert_eq!(a.set_pools(&pools), orphans);
+            }
+        }
+
         #[test]
         fn invariants_hold_under_any_sequence(ops in proptest::collection::vec(op(), 1..60)) {
             let p = pools(&[("a", &["192.0.2.200-192.0.2.203"], true), ("b", &["192.0.2.204-192.0.2.207"], false), ("c", &["192.0.2.208-192.0.2.215"], true)]);
