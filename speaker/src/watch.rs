@@ -39,6 +39,55 @@ where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
+    watch_logged(api, config, wake, None)
+}
+
+/// Which objects of one kind changed since someone last took the list: what lets the data plane
+/// work on the changed objects only. Noted after the store holds the change.
+#[derive(Debug, Default)]
+pub struct ChangeLog {
+    pending: std::sync::Mutex<Changes>,
+}
+
+/// Objects changed (added, modified, deleted), by namespace and name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub objects: std::collections::BTreeSet<(String, String)>,
+    /// The watch listed everything again (at start, or after it lost its place): anything may
+    /// have changed, deletions included.
+    pub all: bool,
+}
+
+impl ChangeLog {
+    fn note(&self, namespace: Option<&str>, name: Option<&str>) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.objects.insert((namespace.unwrap_or_default().to_owned(), name.unwrap_or_default().to_owned()));
+        }
+    }
+
+    fn note_all(&self) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.all = true;
+        }
+    }
+
+    /// The changes since the last call, forgotten here.
+    pub fn take(&self) -> Changes {
+        self.pending.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or(Changes { all: true, ..Changes::default() })
+    }
+}
+
+/// `watch_with`, noting each changed object in `log`.
+pub fn watch_logged<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    wake: Vec<Arc<Notify>>,
+    log: Option<Arc<ChangeLog>>,
+) -> Store<K>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, config).backoff(ferrolb_api::backoff::watch_backoff()));
     tokio::spawn(async move {
@@ -50,6 +99,16 @@ where
                     // `Init` only starts a list attempt; anything else came from the API server.
                     if !matches!(ev, watcher::Event::Init) {
                         API.reached();
+                    }
+                    if let Some(log) = &log {
+                        match &ev {
+                            watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+                                log.note(o.meta().namespace.as_deref(), o.meta().name.as_deref())
+                            }
+                            // The store is replaced whole when the new list is done.
+                            watcher::Event::InitDone => log.note_all(),
+                            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                        }
                     }
                     wake.iter().for_each(|n| n.notify_one())
                 }
@@ -132,6 +191,10 @@ pub struct Cluster {
     pub announcer: Arc<Notify>,
     /// Woken on every change, for the data plane.
     pub dataplane: Arc<Notify>,
+    /// Which Services changed, for the data plane.
+    pub service_changes: Arc<ChangeLog>,
+    /// Which EndpointSlices changed, for the data plane.
+    pub slice_changes: Arc<ChangeLog>,
 }
 
 impl Cluster {
@@ -140,13 +203,17 @@ impl Cluster {
         let (announcer, dataplane) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
         let wake = vec![announcer.clone(), dataplane.clone()];
         ApiReachable::probe_while_lost(client.clone());
+        let (service_changes, slice_changes) = (Arc::new(ChangeLog::default()), Arc::new(ChangeLog::default()));
+        let all = watcher::Config::default;
         Cluster {
             nodes: watch(Api::all(client.clone()), wake.clone()),
-            services: watch(Api::all(client.clone()), wake.clone()),
-            slices: watch(Api::all(client.clone()), wake),
+            services: watch_logged(Api::all(client.clone()), all(), wake.clone(), Some(service_changes.clone())),
+            slices: watch_logged(Api::all(client.clone()), all(), wake, Some(slice_changes.clone())),
             service_cidrs: watch(Api::all(client.clone()), vec![dataplane.clone()]),
             announcer,
             dataplane,
+            service_changes,
+            slice_changes,
         }
     }
 

@@ -21,6 +21,7 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::ServiceCIDR;
+use k8s_openapi::jiff::Timestamp;
 
 use super::model::{Family, Protocol, ServiceKey, ServiceModel, Warning};
 
@@ -54,84 +55,117 @@ pub fn settle_external_ips<'a>(
     cluster: impl IntoIterator<Item = &'a Service>,
     allowed: &[IpNetwork],
 ) -> Vec<Warning> {
-    let mut owners: BTreeMap<IpAddr, BTreeMap<ServiceKey, Role>> = BTreeMap::new();
-    let mut age: BTreeMap<ServiceKey, Option<k8s_openapi::jiff::Timestamp>> = BTreeMap::new();
+    let mut owners = Owners::default();
     for svc in cluster {
-        let (Some(namespace), Some(name)) = (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref()) else {
-            continue;
-        };
-        let key = ServiceKey::new(namespace, name);
-        for (ip, role) in owned(svc) {
-            let roles = owners.entry(ip).or_default();
-            let r = roles.entry(key.clone()).or_insert(role);
-            *r = (*r).min(role);
-        }
-        age.insert(key, svc.metadata.creation_timestamp.as_ref().map(|t| t.0));
-    }
-
-    // Oldest first; a Service without a creation time (never from the API server) comes last.
-    let mut order: Vec<ServiceKey> =
-        services.iter().filter(|(_, s)| !s.external_ips.is_empty()).map(|(k, _)| k.clone()).collect();
-    order.sort_by_cached_key(|k| {
-        let t = age.get(k).copied().flatten();
-        (t.is_none(), t, k.clone())
-    });
-
-    let mut taken: BTreeMap<(IpAddr, Protocol, u16), ServiceKey> = BTreeMap::new();
-    let mut warnings = Vec::new();
-    for key in order {
-        let Some(svc) = services.get_mut(&key) else { continue };
-        let ports: BTreeSet<(Protocol, u16)> = svc.ports.iter().map(|p| (p.proto, p.port)).collect();
-        let (mut not_allowed, mut conflicts) = (Vec::new(), Vec::new());
-        let mut kept = Vec::new();
-        for ip in std::mem::take(&mut svc.external_ips) {
-            if !allowed.is_empty() && !allowed.iter().any(|n| n.contains(ip)) {
-                not_allowed.push(ip.to_string());
-                continue;
-            }
-            let mine = owners.get(&ip).is_some_and(|o| o.contains_key(&key));
-            let other_owner = owners.get(&ip).and_then(|o| o.iter().find(|(k, _)| **k != key));
-            if let (false, Some((owner, role))) = (mine, other_owner) {
-                conflicts.push(format!(
-                    "{ip} is the {} of Service {owner} (remove it from spec.externalIPs)",
-                    role.as_str()
-                ));
-                continue;
-            }
-            let clash = ports.iter().find_map(|(proto, port)| {
-                taken.get(&(ip, *proto, *port)).filter(|k| **k != key).map(|k| (k, proto, port))
-            });
-            if let Some((older, proto, port)) = clash {
-                conflicts.push(format!(
-                    "{ip} {proto}/{port} is already an externalIP of Service {older}, which is older \
-                     (use another address or port)"
-                ));
-                continue;
-            }
-            for (proto, port) in &ports {
-                taken.insert((ip, *proto, *port), key.clone());
-            }
-            kept.push(ip);
-        }
-        svc.external_ips = kept;
-        if !conflicts.is_empty() {
-            let message =
-                format!("externalIP left out, this Service does not receive its traffic: {}", conflicts.join("; "));
-            warnings.push(Warning { service: key.clone(), reason: EXTERNAL_IP_CONFLICT, message });
-        }
-        if !not_allowed.is_empty() {
-            let list: Vec<String> = allowed.iter().map(ToString::to_string).collect();
-            let message = format!(
-                "externalIP {} left out: the cluster's ferrolb honours externalIPs only within {} \
-                 (ask the cluster's administrators for an address there, or use a LoadBalancer Service)",
-                not_allowed.join(", "),
-                list.join(", ")
-            );
-            warnings.push(Warning { service: key, reason: EXTERNAL_IP_NOT_ALLOWED, message });
+        if let (Some(namespace), Some(name)) = (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref()) {
+            owners.set(&ServiceKey::new(namespace, name), Some(svc));
         }
     }
-    warnings
+    owners.settle(services, allowed)
 }
+
+/// The addresses Services own (ClusterIPs, LoadBalancer IPs) and their ages: what settling
+/// externalIPs reads of every Service, kept up to date one Service at a time.
+#[derive(Debug, Default)]
+pub struct Owners {
+    owners: BTreeMap<IpAddr, BTreeMap<ServiceKey, Role>>,
+    /// Each Service's creation time, and what it owns.
+    services: BTreeMap<ServiceKey, (Option<Timestamp>, Owned)>,
+}
+
+impl Owners {
+    /// Records `svc` as Service `key` now is (`None`: gone).
+    pub fn set(&mut self, key: &ServiceKey, svc: Option<&Service>) {
+        if let Some((_, owned)) = self.services.remove(key) {
+            for (ip, _) in owned {
+                if let Some(roles) = self.owners.get_mut(&ip) {
+                    roles.remove(key);
+                    if roles.is_empty() {
+                        self.owners.remove(&ip);
+                    }
+                }
+            }
+        }
+        let Some(svc) = svc else { return };
+        let owned = owned(svc);
+        for (ip, role) in &owned {
+            let roles = self.owners.entry(*ip).or_default();
+            let r = roles.entry(key.clone()).or_insert(*role);
+            *r = (*r).min(*role);
+        }
+        self.services.insert(key.clone(), (svc.metadata.creation_timestamp.as_ref().map(|t| t.0), owned));
+    }
+
+    /// [`settle_external_ips`] with these owners.
+    pub fn settle(&self, services: &mut BTreeMap<ServiceKey, ServiceModel>, allowed: &[IpNetwork]) -> Vec<Warning> {
+        let owners = &self.owners;
+        // Oldest first; a Service without a creation time (never from the API server) comes last.
+        let mut order: Vec<ServiceKey> =
+            services.iter().filter(|(_, s)| !s.external_ips.is_empty()).map(|(k, _)| k.clone()).collect();
+        order.sort_by_cached_key(|k| {
+            let t = self.services.get(k).and_then(|(t, _)| *t);
+            (t.is_none(), t, k.clone())
+        });
+
+        let mut taken: BTreeMap<(IpAddr, Protocol, u16), ServiceKey> = BTreeMap::new();
+        let mut warnings = Vec::new();
+        for key in order {
+            let Some(svc) = services.get_mut(&key) else { continue };
+            let ports: BTreeSet<(Protocol, u16)> = svc.ports.iter().map(|p| (p.proto, p.port)).collect();
+            let (mut not_allowed, mut conflicts) = (Vec::new(), Vec::new());
+            let mut kept = Vec::new();
+            for ip in std::mem::take(&mut svc.external_ips) {
+                if !allowed.is_empty() && !allowed.iter().any(|n| n.contains(ip)) {
+                    not_allowed.push(ip.to_string());
+                    continue;
+                }
+                let mine = owners.get(&ip).is_some_and(|o| o.contains_key(&key));
+                let other_owner = owners.get(&ip).and_then(|o| o.iter().find(|(k, _)| **k != key));
+                if let (false, Some((owner, role))) = (mine, other_owner) {
+                    conflicts.push(format!(
+                        "{ip} is the {} of Service {owner} (remove it from spec.externalIPs)",
+                        role.as_str()
+                    ));
+                    continue;
+                }
+                let clash = ports.iter().find_map(|(proto, port)| {
+                    taken.get(&(ip, *proto, *port)).filter(|k| **k != key).map(|k| (k, proto, port))
+                });
+                if let Some((older, proto, port)) = clash {
+                    conflicts.push(format!(
+                        "{ip} {proto}/{port} is already an externalIP of Service {older}, which is older \
+                     (use another address or port)"
+                    ));
+                    continue;
+                }
+                for (proto, port) in &ports {
+                    taken.insert((ip, *proto, *port), key.clone());
+                }
+                kept.push(ip);
+            }
+            svc.external_ips = kept;
+            if !conflicts.is_empty() {
+                let message =
+                    format!("externalIP left out, this Service does not receive its traffic: {}", conflicts.join("; "));
+                warnings.push(Warning { service: key.clone(), reason: EXTERNAL_IP_CONFLICT, message });
+            }
+            if !not_allowed.is_empty() {
+                let list: Vec<String> = allowed.iter().map(ToString::to_string).collect();
+                let message = format!(
+                    "externalIP {} left out: the cluster's ferrolb honours externalIPs only within {} \
+                 (ask the cluster's administrators for an address there, or use a LoadBalancer Service)",
+                    not_allowed.join(", "),
+                    list.join(", ")
+                );
+                warnings.push(Warning { service: key, reason: EXTERNAL_IP_NOT_ALLOWED, message });
+            }
+        }
+        warnings
+    }
+}
+
+/// What a Service owns, by address.
+type Owned = Vec<(IpAddr, Role)>;
 
 /// The ClusterIPs and LoadBalancer IPs of `svc`, whatever their ipMode or the Service's type.
 fn owned(svc: &Service) -> Vec<(IpAddr, Role)> {

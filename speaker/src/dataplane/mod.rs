@@ -22,5 +22,6 @@ pub mod render;
 pub mod runner;
 pub mod source;
 pub mod sync;
+pub mod tracker;
 
 pub use sync::{DataplaneSettings, run};

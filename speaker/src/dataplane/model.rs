@@ -187,11 +187,7 @@ impl Model {
             return;
         }
         for svc in self.services.values_mut() {
-            for port in &mut svc.ports {
-                for e in &mut port.endpoints {
-                    e.unreachable = e.node.as_ref().is_some_and(|n| *n != self.node && dead.contains(n));
-                }
-            }
+            svc.steer_away_from(&self.node, dead);
         }
     }
 
@@ -224,6 +220,20 @@ impl Model {
 }
 
 impl ServiceModel {
+    /// [`Model::steer_away_from`] for one service of `node`'s model; returns whether anything
+    /// changed.
+    pub fn steer_away_from(&mut self, node: &str, dead: &std::collections::BTreeSet<String>) -> bool {
+        let mut changed = false;
+        for port in &mut self.ports {
+            for e in &mut port.endpoints {
+                let unreachable = e.node.as_ref().is_some_and(|n| n != node && dead.contains(n));
+                changed |= e.unreachable != unreachable;
+                e.unreachable = unreachable;
+            }
+        }
+        changed
+    }
+
     /// Cluster IPs of `family`, sorted.
     pub fn cluster_ips_of(&self, family: Family) -> Vec<IpAddr> {
         of_family(&self.cluster_ips, family)

@@ -226,7 +226,7 @@ fn read_source_ranges<'a>(entries: impl Iterator<Item = &'a String>) -> (Vec<IpN
 }
 
 /// What the owner of `svc` must hear about its unreadable `loadBalancerSourceRanges` entries.
-fn source_range_warnings(key: &ServiceKey, svc: &Service) -> Vec<Warning> {
+pub fn source_range_warnings(key: &ServiceKey, svc: &Service) -> Vec<Warning> {
     let entries = svc.spec.as_ref().and_then(|s| s.load_balancer_source_ranges.as_ref());
     let (_, unreadable) = read_source_ranges(entries.into_iter().flatten());
     if unreadable.is_empty() {

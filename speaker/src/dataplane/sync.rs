@@ -1,8 +1,10 @@
 //! The data plane loop: watches, models, nft, health check ports, conntrack.
 //!
 //! ```text
-//!   watch Services, EndpointSlices, Nodes, ServiceCIDRs ──(change)──> debounce ──> build_model per family
-//!        ──> Runner::apply (partial; full at start and after a failure, retried with backoff)
+//!   watch Services, EndpointSlices, Nodes, ServiceCIDRs ──(change)──> debounce
+//!        ──> Tracker::update: the changed Services' models only (the watches log which objects changed)
+//!        ──> Runner::apply_changes with those keys (partial; full at start and after a failure,
+//!            retried with backoff; a family whose sync failed is owed the keys until it succeeds)
 //!        ──> conntrack: clear stale UDP endpoints ──> health check ports ──> metrics, health
 //!   idle for a while with stale chains left, or too many / too old ones ──> Runner::cleanup
 //!   source warnings + Services nft refused (left out by the runner) ──> one WarningEvents::publish
@@ -18,15 +20,18 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{ObjectRef, Store};
 
 use super::events::WarningEvents;
 use super::handover::{self, Handover};
 use super::healthcheck::{self, HealthServers};
 use super::metrics::{DataplaneMetrics, FailureLabel, FamilyLabel, SyncLabel};
-use super::model::{Family, Model, Warning};
+use super::model::{Family, Model, ServiceKey, Warning};
 use super::runner::{NftCommand, Rejected, Runner, SyncKind};
-use super::source::{SourceSettings, build_model_with_warnings};
+use super::source::SourceSettings;
+use super::tracker::{Objects, Tracker};
 use super::{claims, conntrack};
 use crate::watch::Cluster;
 
@@ -104,7 +109,10 @@ pub async fn run(
     let mut health =
         HealthServers::new(settings.health_check_addresses.clone(), Arc::new(move || m.healthy(Instant::now())));
     let mut runner = Runner::new(settings.nft.clone());
-    let mut latency = SliceLatency::default();
+    let mut tracker = Tracker::new(settings.source.clone(), &settings.families);
+    let objects = StoreObjects { services: services.clone(), slices: slices.clone() };
+    // Per family, the Services changed since its last successful sync (`None`: any).
+    let mut owed: BTreeMap<Family, Option<BTreeSet<ServiceKey>>> = BTreeMap::new();
     let mut backoff: Option<Duration> = None;
     let mut last_sync = Instant::now();
     let mut avoid = settings.avoid.clone();
@@ -113,32 +121,29 @@ pub async fn run(
     loop {
         if pending {
             tokio::time::sleep(settings.debounce).await;
-            let svcs = services.state();
-            let sls = slices.state();
-            let nds = nodes.state();
+            let service_changes = cluster.service_changes.take();
+            let slice_changes = cluster.slice_changes.take();
+            let node = nodes.get(&ObjectRef::new(&settings.source.node));
             let cidrs = cluster.service_cidrs.state();
-            let dead: BTreeSet<String> = avoid.as_mut().map(|rx| rx.borrow_and_update().clone()).unwrap_or_default();
-            metrics.avoided_nodes.set(i64::try_from(dead.len()).unwrap_or(i64::MAX));
-            let mut warnings = Vec::new();
-            let models: Vec<Model> = settings
+            let service_cidrs = settings
                 .families
                 .iter()
-                .map(|f| {
-                    let (mut model, w) = build_model_with_warnings(
-                        &settings.source,
-                        *f,
-                        svcs.iter().map(|s| s.as_ref()),
-                        sls.iter().map(|s| s.as_ref()),
-                        nds.iter().map(|n| n.as_ref()),
-                    );
-                    warnings.extend(w);
-                    model.service_cidrs = claims::service_cidrs(cidrs.iter().map(|c| c.as_ref()), *f);
-                    model.steer_away_from(&dead);
-                    model
-                })
+                .map(|f| (*f, claims::service_cidrs(cidrs.iter().map(|c| c.as_ref()), *f)))
                 .collect();
-            let seen = latency.changes(sls.iter().map(|s| s.as_ref()));
-            let result = apply(&mut runner, &settings, &metrics, models.clone()).await;
+            let dead: BTreeSet<String> = avoid.as_mut().map(|rx| rx.borrow_and_update().clone()).unwrap_or_default();
+            metrics.avoided_nodes.set(i64::try_from(dead.len()).unwrap_or(i64::MAX));
+            let update =
+                tracker.update(&objects, service_changes, slice_changes, node.as_deref(), &service_cidrs, &dead);
+            for family in &settings.families {
+                let keys = owed.entry(*family).or_insert_with(|| Some(BTreeSet::new()));
+                match (keys.as_mut(), update.changed.as_ref()) {
+                    (Some(keys), Some(changed)) => keys.extend(changed.iter().cloned()),
+                    _ => *keys = None,
+                }
+            }
+            let mut warnings = tracker.warnings();
+            let seen: Vec<SystemTime> = update.slices.iter().filter_map(|s| trigger_time(s)).collect();
+            let result = apply(&mut runner, &settings, &metrics, &tracker, &mut owed).await;
             warnings.extend(rejected_warnings(&runner, &settings.families, &metrics));
             settings.warnings.publish(warnings);
             match result {
@@ -149,7 +154,7 @@ pub async fn run(
                     for at in seen {
                         metrics.programming_latency.observe(at.elapsed().unwrap_or_default().as_secs_f64());
                     }
-                    let refs: Vec<&Model> = models.iter().collect();
+                    let refs: Vec<&Model> = tracker.models().collect();
                     for (port, e) in health.sync(&healthcheck::wanted(&refs)).await {
                         tracing::warn!(port, error = %e, "cannot open health check node port");
                     }
@@ -257,21 +262,26 @@ fn family_label(family: Family) -> FamilyLabel {
     FamilyLabel { family: if family == Family::V4 { "ipv4" } else { "ipv6" }.into() }
 }
 
-/// Applies every family's model; then hands what UDP flows may reach to the conntrack cleaner.
+/// Applies every family's model, telling the runner which Services changed since that family's
+/// last successful sync (`owed`, forgotten on success); then hands what UDP flows may reach to
+/// the conntrack cleaner.
 async fn apply(
     runner: &mut Runner,
     settings: &DataplaneSettings,
     metrics: &DataplaneMetrics,
-    models: Vec<Model>,
+    tracker: &Tracker,
+    owed: &mut BTreeMap<Family, Option<BTreeSet<ServiceKey>>>,
 ) -> Result<(), super::runner::Error> {
-    for model in models {
+    for model in tracker.models() {
         let family = model.family;
         let no_local = model
             .services
             .values()
             .filter(|s| s.external_local && s.ports.iter().all(|p| p.local_endpoints(family, &model.node).is_empty()))
             .count();
-        let synced = runner.apply(model).await?;
+        let changed = owed.get(&family).cloned().flatten();
+        let synced = runner.apply_changes(model, changed.as_ref()).await?;
+        owed.remove(&family);
         if synced.kind == SyncKind::Full
             && let Some(h) = &settings.handovers
         {
@@ -303,41 +313,33 @@ async fn apply(
     Ok(())
 }
 
-/// Remembers each EndpointSlice's resourceVersion, to tell which ones changed since last time and
-/// when (their last-change-trigger-time).
-#[derive(Default)]
-struct SliceLatency {
-    /// namespace/name -> resourceVersion.
-    versions: BTreeMap<String, String>,
+/// When a changed EndpointSlice's change was triggered (its last-change-trigger-time).
+fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
+    let at = slice.metadata.annotations.as_ref()?.get(LAST_CHANGE_TRIGGER_TIME)?;
+    at.parse::<k8s_openapi::jiff::Timestamp>().ok().map(SystemTime::from)
 }
 
-impl SliceLatency {
-    /// The trigger times of slices changed since the last call (the first call only records).
-    fn changes<'a>(&mut self, slices: impl Iterator<Item = &'a EndpointSlice>) -> Vec<SystemTime> {
-        let first = self.versions.is_empty();
-        let mut out = Vec::new();
-        let mut versions = BTreeMap::new();
-        for s in slices {
-            let key = format!(
-                "{}/{}",
-                s.metadata.namespace.as_deref().unwrap_or(""),
-                s.metadata.name.as_deref().unwrap_or("")
-            );
-            let rv = s.metadata.resource_version.clone().unwrap_or_default();
-            if !first && self.versions.get(&key) != Some(&rv) {
-                let at = s
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
-                    .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
-                    .map(SystemTime::from);
-                out.extend(at);
-            }
-            versions.insert(key, rv);
-        }
-        self.versions = versions;
-        out
+/// The watch stores, as the tracker reads them.
+struct StoreObjects {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+}
+
+impl Objects for StoreObjects {
+    fn service(&self, key: &ServiceKey) -> Option<Arc<Service>> {
+        self.services.get(&ObjectRef::new(&key.name).within(&key.namespace))
+    }
+
+    fn slice(&self, namespace: &str, name: &str) -> Option<Arc<EndpointSlice>> {
+        self.slices.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    fn all_services(&self) -> Vec<Arc<Service>> {
+        self.services.state()
+    }
+
+    fn all_slices(&self) -> Vec<Arc<EndpointSlice>> {
+        self.slices.state()
     }
 }
 
@@ -363,13 +365,11 @@ mod tests {
     }
 
     #[test]
-    fn latency_counts_changed_slices_with_a_trigger_time() {
-        let mut l = SliceLatency::default();
+    fn the_trigger_time_is_read_from_the_annotation() {
         let t = "2026-01-01T00:00:00Z";
-        assert!(l.changes([slice("a", "1", Some(t))].iter()).is_empty(), "the first look only records");
-        assert!(l.changes([slice("a", "1", Some(t))].iter()).is_empty());
-        let seen = l.changes([slice("a", "2", Some(t)), slice("b", "1", None)].iter());
-        assert_eq!(seen.len(), 1);
-        assert_eq!(seen[0].duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(), 1_767_225_600);
+        let at = trigger_time(&slice("a", "1", Some(t))).unwrap();
+        assert_eq!(at.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(), 1_767_225_600);
+        assert_eq!(trigger_time(&slice("a", "1", None)), None);
+        assert_eq!(trigger_time(&slice("a", "1", Some("yesterday"))), None);
     }
 }
