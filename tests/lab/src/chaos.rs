@@ -268,6 +268,11 @@ pub struct Outcome {
     /// flap of the observer (cut off, it sees every peer die), explains one until 3 s after it.
     #[serde(default)]
     pub false_deaths: Vec<(f64, String, String)>,
+    /// Suspicions no fault explains, by the same rule (seconds from the start, observer, node,
+    /// whether it came in a packet-loss window of either): a suspected member that refutes it
+    /// stays alive, but it was a step towards a false death.
+    #[serde(default)]
+    pub false_suspicions: Vec<(f64, String, String, bool)>,
     pub probe_requests: u64,
     pub probe_replies: u64,
 }
@@ -654,8 +659,9 @@ pub async fn run(paths: &Paths, c: &Chaos) -> Result<Outcome> {
         let r: Report = serde_json::from_slice(&out.stdout).context("reading a load report")?;
         reports.push((svc.clone(), policy.clone(), *ip, r));
     }
-    let died = deaths(paths, &node_names(&macs));
-    Ok(outcome(c, schedule, &done, &reports, &summary, address_changes, &macs, &died, start_ms))
+    let nodes = node_names(&macs);
+    let heard = Heard { deaths: deaths(paths, &nodes), suspicions: suspicions(paths, &nodes) };
+    Ok(outcome(c, schedule, &done, &reports, &summary, address_changes, &macs, &heard, start_ms))
 }
 
 /// The nodes of a MAC → node map, sorted, each once.
@@ -663,31 +669,47 @@ fn node_names(macs: &BTreeMap<String, String>) -> Vec<String> {
     macs.values().cloned().collect::<BTreeSet<_>>().into_iter().collect()
 }
 
-/// A speaker's log line saying that it declared another node's speaker dead.
+/// A speaker's log line about another node's speaker: that it declared it dead
+/// ([`DIED`]), or that it suspected it ([`SUSPECTED`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Death {
+pub struct MemberEvent {
     pub at_ms: u64,
     pub observer: String,
     pub node: String,
 }
 
-/// What the speakers logged about deaths (`speaker died ... node=NAME`), from every speaker
-/// log of every node (a restarted speaker appends to its pod's log).
-pub fn deaths(paths: &Paths, nodes: &[String]) -> Vec<Death> {
+/// What the speaker logs when the membership declares a member dead (suspected, then down).
+pub const DIED: &str = "speaker died";
+/// What the speaker logs when a member becomes suspect (it may refute it and stay alive).
+pub const SUSPECTED: &str = "member suspected";
+
+/// Deaths the speakers logged ([`DIED`]), from every speaker log of every node.
+pub fn deaths(paths: &Paths, nodes: &[String]) -> Vec<MemberEvent> {
+    member_events(paths, nodes, DIED)
+}
+
+/// Suspicions the speakers logged ([`SUSPECTED`]), from every speaker log of every node.
+pub fn suspicions(paths: &Paths, nodes: &[String]) -> Vec<MemberEvent> {
+    member_events(paths, nodes, SUSPECTED)
+}
+
+/// The lines holding `marker` (`... marker ... node=NAME`) of every speaker log of every node (a
+/// restarted speaker appends to its pod's log), in time order.
+pub fn member_events(paths: &Paths, nodes: &[String], marker: &str) -> Vec<MemberEvent> {
     let mut out = Vec::new();
     for observer in nodes {
         let Ok(pods) = std::fs::read_dir(paths.node_dir(observer).join("pods")) else { continue };
         for pod in pods.flatten() {
             let Ok(text) = std::fs::read_to_string(pod.path().join("speaker.log")) else { continue };
-            out.extend(text.lines().filter_map(|l| death_line(observer, l)));
+            out.extend(text.lines().filter_map(|l| event_line(observer, l, marker)));
         }
     }
     out.sort_by_key(|d| d.at_ms);
     out
 }
 
-/// One log line, colours and all, read as a [`Death`].
-fn death_line(observer: &str, line: &str) -> Option<Death> {
+/// One log line, colours and all, read as a [`MemberEvent`] when it holds `marker`.
+fn event_line(observer: &str, line: &str, marker: &str) -> Option<MemberEvent> {
     let mut plain = String::with_capacity(line.len());
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
@@ -702,13 +724,13 @@ fn death_line(observer: &str, line: &str) -> Option<Death> {
             plain.push(c);
         }
     }
-    if !plain.contains("speaker died") {
+    if !plain.contains(marker) {
         return None;
     }
     let stamp = plain.split_whitespace().next()?;
     let at = time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339).ok()?;
     let node = plain.split_whitespace().find_map(|w| w.strip_prefix("node="))?;
-    Some(Death {
+    Some(MemberEvent {
         at_ms: u64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()?,
         observer: observer.to_string(),
         node: node.to_string(),
@@ -717,7 +739,7 @@ fn death_line(observer: &str, line: &str) -> Option<Death> {
 
 /// When every other speaker had declared `d`'s node dead (each one's first word within the
 /// fault; `None` if one never did).
-fn detected(d: &Done, deaths: &[Death], observers: &[String]) -> Option<u64> {
+fn detected(d: &Done, deaths: &[MemberEvent], observers: &[String]) -> Option<u64> {
     let node = d.node.as_deref()?;
     observers
         .iter()
@@ -743,7 +765,7 @@ fn excluded_windows(
     done: &[Done],
     s: &Summary,
     macs: &BTreeMap<String, String>,
-    deaths: &[Death],
+    deaths: &[MemberEvent],
     observers: &[String],
 ) -> Vec<(u64, u64)> {
     done.iter()
@@ -784,9 +806,10 @@ fn outcome(
     s: &Summary,
     address_changes: Vec<AddressChange>,
     macs: &BTreeMap<String, String>,
-    deaths: &[Death],
+    heard: &Heard,
     start_ms: u64,
 ) -> Outcome {
+    let deaths = &heard.deaths;
     let rel = |ms: u64| ms.saturating_sub(start_ms) as f64 / 1000.0;
     let observers = node_names(macs);
     let mut streams = Vec::new();
@@ -910,17 +933,28 @@ fn outcome(
         announcer_changes,
         probe_requests: s.requests,
         probe_replies: s.replies,
-        false_deaths: false_deaths(done, deaths)
+        false_deaths: unexplained(done, &heard.deaths)
             .into_iter()
             .filter(|d| d.at_ms >= start_ms)
             .map(|d| (rel(d.at_ms), d.observer, d.node))
             .collect(),
+        false_suspicions: unexplained(done, &heard.suspicions)
+            .into_iter()
+            .filter(|d| d.at_ms >= start_ms)
+            .map(|d| (rel(d.at_ms), d.observer.clone(), d.node.clone(), in_loss_window(done, &d)))
+            .collect(),
     }
 }
 
-/// The deaths no fault explains (see [`Outcome::false_deaths`]).
-fn false_deaths(done: &[Done], deaths: &[Death]) -> Vec<Death> {
-    deaths
+/// The membership's log lines of a run: deaths and suspicions.
+pub struct Heard {
+    pub deaths: Vec<MemberEvent>,
+    pub suspicions: Vec<MemberEvent>,
+}
+
+/// The deaths (or suspicions) no fault explains (see [`Outcome::false_deaths`]).
+fn unexplained(done: &[Done], events: &[MemberEvent]) -> Vec<MemberEvent> {
+    events
         .iter()
         .filter(|x| {
             !done.iter().any(|d| {
@@ -933,6 +967,16 @@ fn false_deaths(done: &[Done], deaths: &[Death]) -> Vec<Death> {
         })
         .cloned()
         .collect()
+}
+
+/// Whether `x` came while its node's or its observer's LAN link lost packets.
+fn in_loss_window(done: &[Done], x: &MemberEvent) -> bool {
+    done.iter().any(|d| {
+        d.kind == Kind::PacketLoss
+            && matches!(d.node.as_deref(), Some(n) if n == x.node || n == x.observer)
+            && x.at_ms >= d.start_ms
+            && x.at_ms <= d.end_ms
+    })
 }
 
 /// The outcome for people: the tables README shows.
@@ -983,6 +1027,15 @@ pub fn describe(o: &Outcome) -> String {
     for (at, observer, node) in &o.false_deaths {
         s.push_str(&format!("  {at:7.1} s {observer} declared {node} dead\n"));
     }
+    s.push_str(&format!(
+        "false suspicions (the same rule): {}, of them in a packet-loss window: {}\n",
+        o.false_suspicions.len(),
+        o.false_suspicions.iter().filter(|x| x.3).count()
+    ));
+    for (at, observer, node, loss) in &o.false_suspicions {
+        let loss = if *loss { " (packet loss)" } else { "" };
+        s.push_str(&format!("  {at:7.1} s {observer} suspected {node}{loss}\n"));
+    }
     s.push_str(&format!("address changes: {}\n", o.address_changes.len()));
     for a in &o.address_changes {
         s.push_str(&format!("  {:.1} s {}: {:?} -> {:?}\n", a.at_s, a.service, a.before, a.after));
@@ -1026,10 +1079,11 @@ mod tests {
     #[test]
     fn a_speakers_death_line_is_read_with_its_colours() {
         let line = "\u{1b}[2m2026-12-07T01:02:03.456789Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m \u{1b}[2mferrolb_speaker::membership\u{1b}[0m\u{1b}[2m:\u{1b}[0m speaker died (suspected, then declared down): new connections avoid its node's endpoints \u{1b}[3mnode\u{1b}[0m\u{1b}[2m=\u{1b}[0mnode-2";
-        let d = death_line("node-1", line).unwrap();
-        assert_eq!(d, Death { at_ms: 1_796_605_323_456, observer: "node-1".into(), node: "node-2".into() });
-        assert!(death_line("node-1", "2026-12-07T01:02:03Z INFO membership changed").is_none());
-        assert!(death_line("node-1", "garbage speaker died").is_none());
+        let d = event_line("node-1", line, DIED).unwrap();
+        assert_eq!(d, MemberEvent { at_ms: 1_796_605_323_456, observer: "node-1".into(), node: "node-2".into() });
+        assert!(event_line("node-1", line, SUSPECTED).is_none());
+        assert!(event_line("node-1", "2026-12-07T01:02:03Z INFO membership changed", DIED).is_none());
+        assert!(event_line("node-1", "garbage speaker died", DIED).is_none());
     }
 
     #[test]

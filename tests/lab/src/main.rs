@@ -118,6 +118,12 @@ enum Command {
         #[arg(long)]
         timeline: bool,
     },
+    /// Watch the membership of a lab running ferrolb for MINUTES with no fault: every suspicion
+    /// and death its speakers log in that time is a false one. Prints them; exits 1 if any.
+    Idle {
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+    },
     /// Many faults, some at once, for MINUTES under load (100 req/s to a Cluster and a Local
     /// LoadBalancer service, both families), with a split-brain watch from the client: cordons,
     /// speaker kills, node crashes, link flaps, 5 % loss, controller leader kills, kube-apiserver
@@ -348,6 +354,38 @@ async fn run(cli: Cli) -> Result<()> {
             }
             if !outcome.goals_met() {
                 bail!("chaos: a goal was missed (see above)");
+            }
+            Ok(())
+        }
+        Command::Idle { minutes } => {
+            let plan = lifecycle::current_plan(&paths).context("the lab is not up")?;
+            let nodes: Vec<String> = plan.nodes().into_iter().map(|n| n.name).collect();
+            let now_ms = || {
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+            };
+            let start = now_ms();
+            let minutes = minutes.max(0.0);
+            eprintln!("idle: watching the membership of {} for {minutes} min", nodes.join(", "));
+            tokio::time::sleep(std::time::Duration::from_secs_f64(minutes * 60.0)).await;
+            let end = now_ms();
+            let within = |v: Vec<ferrolb_lab::chaos::MemberEvent>| -> Vec<_> {
+                v.into_iter().filter(|e| e.at_ms >= start && e.at_ms <= end).collect()
+            };
+            let suspicions = within(ferrolb_lab::chaos::suspicions(&paths, &nodes));
+            let deaths = within(ferrolb_lab::chaos::deaths(&paths, &nodes));
+            println!(
+                "idle {minutes} min, {} speakers: {} suspicions, {} deaths",
+                nodes.len(),
+                suspicions.len(),
+                deaths.len()
+            );
+            for (what, list) in [("suspected", &suspicions), ("declared dead", &deaths)] {
+                for e in list {
+                    println!("  {:8.1} s {} {what} {}", (e.at_ms - start) as f64 / 1000.0, e.observer, e.node);
+                }
+            }
+            if !suspicions.is_empty() || !deaths.is_empty() {
+                bail!("idle: the membership suspected a live speaker");
             }
             Ok(())
         }
