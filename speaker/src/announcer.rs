@@ -294,6 +294,7 @@ pub async fn run(
         secret: s.secret.clone(),
         nodes: nodes_rx,
         rejected: metrics.membership_rejected.clone(),
+        suspicions: metrics.membership_suspicions.clone(),
         // Straight to the data plane, not through the loop below.
         dead: s.avoid.clone(),
     })

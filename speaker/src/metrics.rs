@@ -41,6 +41,9 @@ impl From<crate::membership::Reject> for ReasonLabel {
 /// `ferrolb_membership_rejected_packets_total{reason}`.
 pub type RejectedPackets = Family<ReasonLabel, Counter>;
 
+/// `ferrolb_membership_suspicions_total`.
+pub type Suspicions = Counter;
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<IpLabel, Counter>,
@@ -55,6 +58,8 @@ pub struct Metrics {
     /// Membership packets dropped: forged, stale, replayed, misdirected, or from an address that
     /// is not the named Node's.
     pub membership_rejected: RejectedPackets,
+    /// Members this speaker saw enter suspicion (a dead one, or a false alarm when refuted).
+    pub membership_suspicions: Suspicions,
     /// The caches have synced and the membership runs.
     pub ready: AtomicBool,
     /// The data plane's health, when it runs.
@@ -95,9 +100,16 @@ impl Default for Metrics {
             "Membership packets dropped, by reason",
             membership_rejected.clone(),
         );
+        let membership_suspicions = Suspicions::default();
+        registry.register(
+            "membership_suspicions",
+            "Members this speaker saw become suspect (dead, or a false alarm when the suspicion was refuted)",
+            membership_suspicions.clone(),
+        );
         Metrics {
             registry,
             membership_rejected,
+            membership_suspicions,
             requests,
             responses,
             gratuitous,
