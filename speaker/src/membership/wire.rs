@@ -52,6 +52,8 @@ pub const MAX_PAYLOAD: usize = 1400;
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 1 + 8 + 8 + 8 + 16 + 2;
 const TAG_LEN: usize = 32;
+/// Bytes a seal adds to a foca payload (what the membership simulation counts on top of foca's).
+pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
 
 /// Why a packet was dropped; also the `reason` label of
 /// `ferrolb_membership_rejected_packets_total`.
@@ -321,6 +323,12 @@ mod tests {
 
     const SECRET: &[u8] = b"0123456789abcdef-lab";
     const NOW: u64 = 1_800_000_000_000;
+
+    #[test]
+    fn a_seal_adds_the_overhead() {
+        let mut sealer = Sealer::new(SECRET, 1);
+        assert_eq!(sealer.seal(NOW, "192.0.2.11:7946".parse().unwrap(), b"payload").len(), 7 + OVERHEAD);
+    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
