@@ -3,22 +3,28 @@
 //!
 //! ```text
 //!   watch Services ─┐
-//!   watch Namespaces├─> stores ──(change)──> reconcile (pure) ──> apply (writes)
-//!   watch pools ────┘                              ^
-//!   Lease ─────────> leader? ─── start/stop ───────┘
+//!   watch Namespaces├─> stores ──(change)──> reconcile (pure) ──> apply status, annotation
+//!   watch pools ────┘                              ^          └─> Events, pool status: beside
+//!   Lease ─────────> leader? ─── start/stop ───────┘              the loop, never in its way
 //! ```
+//!
+//! What a new Service waits for is one pass (the watch caches are shared, not copied) and its
+//! status write. Writes are sent without the pass waiting for them (the same write is not sent
+//! twice while the cache has not caught up); Events and the pools' status are written by tasks
+//! of their own.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ferrolb_api::{IPAddressPool, metallb};
 use ferrolb_config::{PoolInput, Pools, build_pools};
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Service};
 use kube::api::{Api, Patch, PatchParams};
@@ -29,14 +35,23 @@ use kube::runtime::watcher::{self, watcher};
 use kube::{Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use serde_json::{Value, json};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore, mpsc};
 
 use ferrolb_telemetry::vital::{Ended, Vital};
 
+use crate::allocator::{PoolUsage, ServiceKey};
 use crate::apply::{Applier, MANAGER};
 use crate::metrics::Metrics;
-use crate::reconcile::Reconciler;
+use crate::reconcile::{Action, Reconciler};
 use crate::service::ClassPolicy;
+
+/// Events waiting to be published, at most; past it the reconcile loop waits for the Event
+/// task (a burst of thousands of new Services), so the backlog's memory stays bounded.
+const EVENT_BACKLOG: usize = 4096;
+/// Events published at once.
+const EVENT_CONCURRENCY: usize = 8;
+/// Status and annotation writes in flight at once.
+const WRITE_CONCURRENCY: usize = 32;
 
 /// How the controller runs (from flags).
 #[derive(Clone, Debug)]
@@ -62,7 +77,10 @@ struct Caches {
     changed: Arc<Notify>,
 }
 
-fn watch<K>(api: Api<K>, changed: Arc<Notify>) -> (Store<K>, impl Future<Output = ()>)
+/// A watch feeding a store and raising `changed`. With `spec_only`, a change of an object's
+/// status alone raises nothing (the pools: the controller's own status writes would wake it
+/// for a pass with nothing to do).
+fn watch<K>(api: Api<K>, changed: Arc<Notify>, spec_only: bool) -> (Store<K>, impl Future<Output = ()>)
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
@@ -75,12 +93,26 @@ where
     let fut = async move {
         let mut stream = pin!(stream);
         let kind = K::kind(&K::DynamicType::default()).to_string();
+        // Generation and labels last seen, by uid (with `spec_only`).
+        let mut seen: HashMap<String, (Option<i64>, BTreeMap<String, String>)> = HashMap::new();
         while let Some(ev) = stream.next().await {
             match ev {
                 Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 404 => {
                     tracing::error!(%kind, "the {kind} CRD is not installed: kubectl apply -f deploy/crds (the chart installs it)");
                 }
                 Err(e) => tracing::warn!(%kind, error = %e, "watch"),
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) if spec_only => {
+                    let id = o.meta().uid.clone().unwrap_or_else(|| o.name_any());
+                    let now = (o.meta().generation, o.labels().clone());
+                    if seen.get(&id) != Some(&now) {
+                        seen.insert(id, now);
+                        changed.notify_one();
+                    }
+                }
+                Ok(watcher::Event::Delete(o)) if spec_only => {
+                    seen.remove(&o.meta().uid.clone().unwrap_or_else(|| o.name_any()));
+                    changed.notify_one();
+                }
                 Ok(_) => changed.notify_one(),
             }
         }
@@ -94,14 +126,15 @@ impl Caches {
     fn start(client: &Client, s: &Settings) -> (Self, Vital<'static>) {
         let mut watches = Vital::new();
         let changed = Arc::new(Notify::new());
-        let (services, f1) = watch(Api::<Service>::all(client.clone()), changed.clone());
-        let (namespaces, f2) = watch(Api::<Namespace>::all(client.clone()), changed.clone());
-        let (pools, f3) = watch(Api::<IPAddressPool>::namespaced(client.clone(), &s.namespace), changed.clone());
+        let (services, f1) = watch(Api::<Service>::all(client.clone()), changed.clone(), false);
+        let (namespaces, f2) = watch(Api::<Namespace>::all(client.clone()), changed.clone(), false);
+        let (pools, f3) = watch(Api::<IPAddressPool>::namespaced(client.clone(), &s.namespace), changed.clone(), true);
         watches.spawn("Service watch", f1);
         watches.spawn("Namespace watch", f2);
         watches.spawn("IPAddressPool watch", f3);
         let metallb_pools = s.metallb_namespace.as_ref().map(|ns| {
-            let (store, f) = watch(Api::<metallb::IPAddressPool>::namespaced(client.clone(), ns), changed.clone());
+            let (store, f) =
+                watch(Api::<metallb::IPAddressPool>::namespaced(client.clone(), ns), changed.clone(), true);
             watches.spawn("MetalLB IPAddressPool watch", f);
             store
         });
@@ -253,67 +286,202 @@ async fn watch_lease_freed(client: Client, namespace: String, name: String, free
     }
 }
 
-/// The leader's loop: reconcile, apply, wait for a change (or retry a failed write).
+/// What the pools' status says, as of the last pass.
+struct PoolReport {
+    pools: Pools,
+    objects: Vec<Arc<IPAddressPool>>,
+    usage: BTreeMap<String, PoolUsage>,
+}
+
+/// The leader's work: the reconcile loop, and beside it the Events it asks for and the pools'
+/// status. One task: losing the lease drops all three.
 async fn lead(client: Client, s: Settings, caches: Caches, metrics: Arc<Metrics>) {
     let reporter = Reporter { controller: MANAGER.into(), instance: Some(s.identity.clone()) };
     let recorder = Recorder::new(client.clone(), reporter);
     let applier = Arc::new(Applier::new(client.clone(), recorder.clone()));
+    let (events, events_rx) = mpsc::channel(EVENT_BACKLOG);
+    let (report, report_rx) = tokio::sync::watch::channel(None);
+    tokio::join!(
+        reconcile_loop(&s, &caches, &applier, &metrics, events, report),
+        tell(&applier, &metrics, events_rx),
+        report_pools(&client, &recorder, &s, &metrics, report_rx),
+    );
+}
+
+/// A status or annotation write sent: what it writes, and the version of the Service it was
+/// worked out from. While the cache still shows that version (the write is in flight, or has
+/// landed and the watch has not brought it yet), the same write is not sent again.
+struct Sent {
+    action: Action,
+    version: Option<String>,
+}
+
+/// Which write: of a Service's status (`true`) or of its annotation.
+type WriteKey = (ServiceKey, bool);
+
+/// Reconcile on every change; send statuses and annotations without waiting for them, so a
+/// pass never waits for the writes of the one before; hand Events and pool figures on.
+async fn reconcile_loop(
+    s: &Settings,
+    caches: &Caches,
+    applier: &Arc<Applier>,
+    metrics: &Metrics,
+    events: mpsc::Sender<Action>,
+    report: tokio::sync::watch::Sender<Option<PoolReport>>,
+) {
     let mut rec = Reconciler::new(s.class.clone());
-    let mut pool_status: HashMap<String, Value> = HashMap::new();
-    let mut pool_told: HashMap<String, String> = HashMap::new();
+    let permits = Arc::new(Semaphore::new(WRITE_CONCURRENCY));
+    let mut writing = FuturesUnordered::new();
+    let mut sent: HashMap<WriteKey, Sent> = HashMap::new();
+    let mut retry: Option<tokio::time::Instant> = None;
+    let mut due = true;
     loop {
-        let (pools, objects) = caches.pools();
-        let services: Vec<Service> = caches.services.state().iter().map(|s| (**s).clone()).collect();
-        let actions = rec.reconcile(&pools, &services, &caches.namespace_labels());
+        if due {
+            due = false;
+            let start = Instant::now();
+            let (pools, objects) = caches.pools();
+            let services = caches.services.state();
+            let actions = rec.reconcile(&pools, &services, &caches.namespace_labels());
+            let versions: HashMap<(&str, &str), Option<&str>> = services
+                .iter()
+                .map(|s| {
+                    let m = &s.metadata;
+                    let key = (m.namespace.as_deref().unwrap_or_default(), m.name.as_deref().unwrap_or_default());
+                    (key, m.resource_version.as_deref())
+                })
+                .collect();
+            let version = |k: &ServiceKey| versions.get(&(k.namespace.as_str(), k.name.as_str())).copied().flatten();
+            // What the cache has moved past is forgotten: a write needed again is sent again.
+            sent.retain(|(k, _), w| version(k) == w.version.as_deref());
 
-        let failed = apply_all(&applier, actions, &metrics).await;
+            // Statuses first: they are what a new Service waits for.
+            let (told, mut writes): (Vec<_>, Vec<_>) =
+                actions.into_iter().partition(|a| matches!(a, Action::Event { .. }));
+            writes.sort_by_key(|a| !matches!(a, Action::SetStatus { .. }));
+            let mut n_writes = 0;
+            for action in writes {
+                let wk = match &action {
+                    Action::SetStatus { key, .. } => (key.clone(), true),
+                    Action::SetPoolAnnotation { key, .. } => (key.clone(), false),
+                    Action::Event { .. } => continue,
+                };
+                let version = version(&wk.0).map(str::to_string);
+                if sent.get(&wk).is_some_and(|w| w.action == action && w.version == version) {
+                    continue;
+                }
+                sent.insert(wk.clone(), Sent { action: action.clone(), version });
+                n_writes += 1;
+                let (applier, permits) = (Arc::clone(applier), Arc::clone(&permits));
+                writing.push(async move {
+                    let _permit = permits.acquire_owned().await;
+                    let start = Instant::now();
+                    let r = applier.apply(&action).await;
+                    (wk, r, start.elapsed())
+                });
+            }
+            drop(versions);
+            let n_services = services.len();
+            drop(services);
+            let reconciled = start.elapsed();
+            metrics.pass_reconcile.observe(reconciled.as_secs_f64());
+            tracing::debug!(
+                services = n_services,
+                writes = n_writes,
+                in_flight = writing.len(),
+                events = told.len(),
+                reconcile_ms = reconciled.as_secs_f64() * 1e3,
+                "pass"
+            );
+            for ev in told {
+                // The Event task only ends with this task.
+                let _ = events.send(ev).await;
+            }
 
-        update_pools(&client, &recorder, &s, &rec, &pools, &objects, &metrics, &mut pool_status, &mut pool_told).await;
+            let usage = rec.allocator().usage();
+            metrics.services_allocated.set(rec.allocator().allocations().count() as i64);
+            metrics.set_pool_usage(&usage);
+            report.send_replace(Some(PoolReport { pools, objects, usage }));
+        }
 
-        if failed > 0 {
-            // Something did not land; try again soon even if nothing changes.
-            let _ = tokio::time::timeout(Duration::from_secs(1), caches.changed.notified()).await;
-        } else {
-            caches.changed.notified().await;
+        tokio::select! {
+            () = caches.changed.notified() => due = true,
+            Some((wk, r, took)) = writing.next(), if !writing.is_empty() => {
+                if wk.1 {
+                    metrics.status_write.observe(took.as_secs_f64());
+                }
+                if let Err(e) = r {
+                    sent.remove(&wk);
+                    if !e.is_not_found() {
+                        tracing::warn!(error = %e, "write failed");
+                        metrics.error(e.metric_label());
+                        // Try again soon even if nothing changes.
+                        retry.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
+                }
+            }
+            () = sleep_until_some(retry), if retry.is_some() => {
+                retry = None;
+                due = true;
+            }
         }
     }
 }
 
-/// Applies actions, 32 at a time; the number that failed (a vanished Service is no failure).
-async fn apply_all(applier: &Arc<Applier>, actions: Vec<crate::reconcile::Action>, metrics: &Metrics) -> usize {
-    let results: Vec<_> = futures::stream::iter(actions)
-        .map(|a| {
-            let applier = Arc::clone(applier);
-            async move { applier.apply(&a).await }
-        })
-        .buffer_unordered(32)
-        .collect()
-        .await;
-    let mut failed = 0;
-    for e in results.into_iter().filter_map(Result::err).filter(|e| !e.is_not_found()) {
-        tracing::warn!(error = %e, "write failed");
-        metrics.error(e.metric_label());
-        failed += 1;
+/// Sleeps until `at`; `None` never comes (the caller does not poll it then).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
-    failed
 }
 
-/// Pool status (counts, validity), Events on rejected pools, and the allocator metrics.
+/// Publishes the Events the reconcile asks for, a few at a time, as they come.
+async fn tell(applier: &Applier, metrics: &Metrics, mut events: mpsc::Receiver<Action>) {
+    futures::stream::poll_fn(|cx| events.poll_recv(cx))
+        .for_each_concurrent(EVENT_CONCURRENCY, |ev| async move {
+            if let Err(e) = applier.apply(&ev).await
+                && !e.is_not_found()
+            {
+                tracing::warn!(error = %e, "event");
+                metrics.error(e.metric_label());
+            }
+        })
+        .await;
+}
+
+/// Writes each pool's status from the latest figures of the reconcile loop.
+async fn report_pools(
+    client: &Client,
+    recorder: &Recorder,
+    s: &Settings,
+    metrics: &Metrics,
+    mut reports: tokio::sync::watch::Receiver<Option<PoolReport>>,
+) {
+    let mut last: HashMap<String, Value> = HashMap::new();
+    let mut told: HashMap<String, String> = HashMap::new();
+    while reports.changed().await.is_ok() {
+        let Some((pools, objects, usage)) =
+            reports.borrow_and_update().as_ref().map(|r| (r.pools.clone(), r.objects.clone(), r.usage.clone()))
+        else {
+            continue;
+        };
+        update_pools(client, recorder, s, &pools, &objects, &usage, metrics, &mut last, &mut told).await;
+    }
+}
+
+/// Pool status (counts, validity) and Events on rejected pools.
 #[allow(clippy::too_many_arguments)]
 async fn update_pools(
     client: &Client,
     recorder: &Recorder,
     s: &Settings,
-    rec: &Reconciler,
     pools: &Pools,
     objects: &[Arc<IPAddressPool>],
+    usage: &BTreeMap<String, PoolUsage>,
     metrics: &Metrics,
     last: &mut HashMap<String, Value>,
     told: &mut HashMap<String, String>,
 ) {
-    let usage = rec.allocator().usage();
-    metrics.services_allocated.set(rec.allocator().allocations().count() as i64);
-    metrics.set_pool_usage(&usage);
     // What was last written or told of a pool that is gone is forgotten with it.
     last.retain(|name, _| objects.iter().any(|o| o.name_any() == *name));
     told.retain(|name, _| objects.iter().any(|o| o.name_any() == *name));

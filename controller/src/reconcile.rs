@@ -9,6 +9,7 @@
 //!                                         └ 3. keep, or allocate, for every service of ours
 //! ```
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
@@ -72,11 +73,12 @@ impl Reconciler {
         out.push(Action::Event { key, uid: svc.metadata.uid.clone(), warning, reason, message });
     }
 
-    /// One pass. `namespaces` maps a namespace to its labels.
-    pub fn reconcile(
+    /// One pass. `namespaces` maps a namespace to its labels. `services` may be the objects
+    /// themselves or the watch cache's shared ones (`Arc<Service>`), which are not copied.
+    pub fn reconcile<S: Borrow<Service>>(
         &mut self,
         pools: &Pools,
-        services: &[Service],
+        services: &[S],
         namespaces: &BTreeMap<String, BTreeMap<String, String>>,
     ) -> Vec<Action> {
         let mut out = Vec::new();
@@ -84,10 +86,18 @@ impl Reconciler {
         self.orphans_told.retain(|k| orphaned.contains(k));
 
         // Oldest first: on a conflict restored from status, the older service keeps the address.
-        let mut ours: Vec<&Service> = services.iter().filter(|s| service::is_ours(s, &self.class)).collect();
+        let mut ours: Vec<&Service> =
+            services.iter().map(Borrow::borrow).filter(|s| service::is_ours(s, &self.class)).collect();
         ours.sort_by(|a, b| {
-            let t = |s: &Service| s.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            t(a).cmp(&t(b)).then_with(|| service::key(a).cmp(&service::key(b)))
+            fn m(s: &Service) -> (Option<k8s_openapi::jiff::Timestamp>, &str, &str) {
+                let m = &s.metadata;
+                (
+                    m.creation_timestamp.as_ref().map(|t| t.0),
+                    m.namespace.as_deref().unwrap_or_default(),
+                    m.name.as_deref().unwrap_or_default(),
+                )
+            }
+            m(a).cmp(&m(b))
         });
         let empty = BTreeMap::new();
         let labels_of =
@@ -116,9 +126,16 @@ impl Reconciler {
         self.orphans_told.retain(|k| our_keys.contains(k));
         let gone: Vec<ServiceKey> =
             self.alloc.allocations().map(|(k, _)| k.clone()).filter(|k| !our_keys.contains(k)).collect();
+        // Services no longer ours that still exist, to clear what was written on them.
+        let mut existing: HashMap<ServiceKey, &Service> = HashMap::new();
+        if !gone.is_empty() {
+            for s in services.iter().map(Borrow::borrow) {
+                existing.entry(service::key(s)).or_insert(s);
+            }
+        }
         for key in gone {
             self.alloc.release(&key);
-            let Some(svc) = services.iter().find(|s| service::key(s) == key) else { continue };
+            let Some(svc) = existing.get(&key).copied() else { continue };
             // The Service still exists but stopped being a LoadBalancer of ours. Clear what we
             // wrote, unless another load balancer implementation now owns its status.
             let still_lb = svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer");
@@ -429,7 +446,7 @@ mod tests {
             assert_eq!(r.remembered(), held, "round {i}");
         }
         // And the holder's memory goes with it.
-        r.reconcile(&p, &[], &BTreeMap::new());
+        r.reconcile::<Service>(&p, &[], &BTreeMap::new());
         assert_eq!(r.remembered(), 0);
     }
 

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use ferrolb_api::annotations;
 use ferrolb_config::Family;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
 use crate::allocator::{FamilyPolicy, PortKey, Request, ServiceKey};
 
@@ -55,8 +55,11 @@ fn family_of_name(s: &str) -> Option<Family> {
 
 /// What the Service asks for; `Err` says what is wrong with it, for an Event.
 pub fn request(svc: &Service, namespace_labels: &BTreeMap<String, String>) -> Result<Request, String> {
-    let spec = svc.spec.clone().unwrap_or_default();
-    let ann = svc.metadata.annotations.clone().unwrap_or_default();
+    // Borrowed, not copied: every pass asks this of every Service.
+    let default_spec = ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&default_spec);
+    let no_annotations = BTreeMap::new();
+    let ann = svc.metadata.annotations.as_ref().unwrap_or(&no_annotations);
 
     let mut families: Vec<Family> = spec.ip_families.iter().flatten().filter_map(|f| family_of_name(f)).collect();
     if families.is_empty() {
@@ -66,7 +69,7 @@ pub fn request(svc: &Service, namespace_labels: &BTreeMap<String, String>) -> Re
     let families = FamilyPolicy { families, require_all: policy != "PreferDualStack" };
 
     let mut ips = Vec::new();
-    if let Some((name, value)) = annotations::LOAD_BALANCER_IPS.find(&ann) {
+    if let Some((name, value)) = annotations::LOAD_BALANCER_IPS.find(ann) {
         for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let ip: IpAddr = part.parse().map_err(|_| {
                 format!("annotation {name}: {part:?} is not an IP address (want a comma list, one per family)")
@@ -89,15 +92,15 @@ pub fn request(svc: &Service, namespace_labels: &BTreeMap<String, String>) -> Re
         key: key(svc),
         families,
         ips,
-        pool: annotations::ADDRESS_POOL.value(&ann).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()),
-        sharing_key: annotations::ALLOW_SHARED_IP.value(&ann).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()),
+        pool: annotations::ADDRESS_POOL.value(ann).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()),
+        sharing_key: annotations::ALLOW_SHARED_IP.value(ann).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()),
         shared_namespaces: ann
             .get(annotations::ALLOW_SHARED_IP_NAMESPACES)
             .map(|v| v.split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect())
             .unwrap_or_default(),
         ports,
         local: spec.external_traffic_policy.as_deref() == Some("Local"),
-        selector: spec.selector.unwrap_or_default(),
+        selector: spec.selector.clone().unwrap_or_default(),
         namespace_labels: namespace_labels.clone(),
         labels: svc.metadata.labels.clone().unwrap_or_default(),
     })
