@@ -4,9 +4,9 @@
 //! In the lab (release build): ferrolb's speaker (`--dataplane=full`) on node-1, `kube-proxy
 //! --proxy-mode=nftables` on node-2, each programming its own node's namespace, both watching the
 //! same Services and EndpointSlices. The load: selector-less Services (port 80; every tenth a
-//! NodePort, the rest ClusterIP) with hand-written EndpointSlices of 10 endpoints each (addresses
-//! in the lab's pod CIDR 198.18.0.0/16), 10, then 1,000, then 10,000, then 50,000 of them,
-//! created through the API from here with many requests in flight. Both peers are stopped while a
+//! NodePort, up to 2,000 of them, the rest ClusterIP) with hand-written EndpointSlices of 10
+//! endpoints each (addresses in the lab's pod CIDR 198.18.0.0/16), 10, then 1,000, then 10,000,
+//! then 50,000 of them, created through the API from here with many requests in flight. Both peers are stopped while a
 //! stage's objects are created. Then, per stage and per peer:
 //!
 //! 1. Cold start: tables deleted, process started; its own full-sync metric (both families) and
@@ -270,11 +270,17 @@ fn fake_addr(i: usize, e: usize) -> String {
     format!("198.18.{}.{}", 4 + (k / 250) % 250, 2 + k % 250)
 }
 
+/// Every tenth of the first 20,000 fake services is a NodePort: 2,000 of the 2,768 ports of the
+/// default range (30000-32767), so that a 50,000 stage does not run out of them.
+fn is_node_port(i: usize) -> bool {
+    i.is_multiple_of(10) && i < 20_000
+}
+
 fn fake_service(i: usize) -> Service {
     Service {
         metadata: ObjectMeta { name: Some(fake_name(i)), namespace: Some("default".into()), ..Default::default() },
         spec: Some(ServiceSpec {
-            type_: Some(if i.is_multiple_of(10) { "NodePort" } else { "ClusterIP" }.into()),
+            type_: Some(if is_node_port(i) { "NodePort" } else { "ClusterIP" }.into()),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
                 port: 80,
