@@ -6,8 +6,8 @@
 //! same Services and EndpointSlices. The load: selector-less Services (port 80; every tenth a
 //! NodePort, up to 2,000 of them, the rest ClusterIP) with hand-written EndpointSlices of 10
 //! endpoints each (addresses in the lab's pod CIDR 198.18.0.0/16), 10, then 1,000, then 10,000,
-//! then 50,000 of them, created through the API from here with many requests in flight. Both peers are stopped while a
-//! stage's objects are created. Then, per stage and per peer:
+//! then 50,000 of them, created through the API from here with many requests in flight. Both
+//! peers are stopped while a stage's objects are created. Then, per stage and per peer:
 //!
 //! 1. Cold start: tables deleted, process started; its own full-sync metric (both families) and
 //!    the wall time from start until its `service-ips` map holds every service. The median of
