@@ -105,7 +105,9 @@ struct Sharing {
     /// The Service's own namespace, and the others it opts in to share with.
     namespace: String,
     namespaces: BTreeSet<String>,
-    ports: BTreeSet<PortKey>,
+    /// Sorted, no repeats (from the request's set): a set of one port would take a whole tree
+    /// node for each of 100,000 services.
+    ports: Vec<PortKey>,
     local: bool,
     selector: BTreeMap<String, String>,
 }
@@ -116,7 +118,7 @@ impl Sharing {
             key: r.sharing_key.clone(),
             namespace: r.key.namespace.clone(),
             namespaces: r.shared_namespaces.clone(),
-            ports: r.ports.clone(),
+            ports: r.ports.iter().cloned().collect(),
             local: r.local,
             selector: r.selector.clone(),
         }
@@ -138,7 +140,7 @@ impl Sharing {
         if !self.admits(&other.namespace) || !other.admits(&self.namespace) {
             return Err(SharingConflict::Namespace { mine: self.namespace.clone(), other: other.namespace.clone() });
         }
-        if let Some(p) = self.ports.intersection(&other.ports).next() {
+        if let Some(p) = self.ports.iter().find(|p| other.ports.binary_search(p).is_ok()) {
             return Err(SharingConflict::Port(p.clone()));
         }
         if (self.local || other.local) && self.selector != other.selector {
@@ -218,7 +220,8 @@ pub enum AllocError {
 pub struct Allocator {
     pools: BTreeMap<String, Pool>,
     allocations: BTreeMap<ServiceKey, Allocation>,
-    by_ip: BTreeMap<IpAddr, BTreeSet<ServiceKey>>,
+    /// Holders of each address, sorted (most addresses have one: a `Vec` of one, not a tree).
+    by_ip: BTreeMap<IpAddr, Vec<ServiceKey>>,
     /// The free addresses of each pool range, kept in step with `by_ip`: finding the lowest
     /// free address costs no walk of the held ones.
     free: FreeIndex,
@@ -294,7 +297,9 @@ impl Allocator {
         let a = self.allocations.remove(key)?;
         for ip in &a.ips {
             if let Some(set) = self.by_ip.get_mut(ip) {
-                set.remove(key);
+                if let Ok(i) = set.binary_search(key) {
+                    set.remove(i);
+                }
                 if set.is_empty() {
                     self.by_ip.remove(ip);
                     self.free.give(*ip);
@@ -311,11 +316,13 @@ impl Allocator {
         for ip in &a.ips {
             match self.by_ip.entry(*ip) {
                 Entry::Vacant(v) => {
-                    v.insert([key.clone()].into());
+                    v.insert(vec![key.clone()]);
                     self.free.take(*ip);
                 }
                 Entry::Occupied(mut o) => {
-                    o.get_mut().insert(key.clone());
+                    if let Err(i) = o.get().binary_search(&key) {
+                        o.get_mut().insert(i, key.clone());
+                    }
                 }
             }
         }
