@@ -4,6 +4,12 @@
 //!
 //! `cargo test -p ferrolb-speaker --release --test dataplane_bench -- --ignored --nocapture`
 //! (needs root; ignored by default because it takes a minute).
+//!
+//! `render_times` (no root, no kernel) times the Rust side alone at 10,000 and 50,000 services:
+//! a cold full render, and the partial render of a one-Service update and of a one-endpoint
+//! change, by a kept [`Ruleset`] told the changed key (what the speaker does) and from the whole
+//! models (`render_partial`, what it did before): `cargo test -p ferrolb-speaker --release
+//! --test dataplane_bench render_times -- --ignored --nocapture`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -14,7 +20,7 @@ use std::process::Command;
 
 use ferrolb_speaker::dataplane::model::{Endpoint, Family, Mode, Model, PortModel, Protocol, ServiceKey, ServiceModel};
 use ferrolb_speaker::dataplane::render::{
-    render_cleanup, render_create, render_create_table, render_full, render_partial,
+    Ruleset, render_cleanup, render_create, render_create_table, render_full, render_partial,
 };
 
 fn v4(n: u32) -> IpAddr {
@@ -124,5 +130,88 @@ fn sync_times() {
     println!("\n| step | 1,000 services × 10 | 10,000 services × 10 |\n|---|---|---|");
     for (name, ms) in rows {
         println!("| {name} | {} ms | {} ms |", ms[0], ms[1]);
+    }
+}
+
+/// The median of `samples`, in milliseconds.
+fn p50(mut samples: Vec<std::time::Duration>) -> f64 {
+    samples.sort();
+    samples[samples.len() / 2].as_secs_f64() * 1e3
+}
+
+/// The process's resident memory, in MiB.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+#[test]
+#[ignore = "benchmark: run with --release --ignored --nocapture"]
+fn render_times() {
+    const UPDATES: u32 = 21;
+    let mut rows: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let sizes = [10_000u32, 50_000];
+    for n in sizes {
+        let m = synthetic(n, 10);
+        let t = std::time::Instant::now();
+        let mut ruleset = Ruleset::new(&m);
+        let text = ruleset.render_full(false);
+        let cold = t.elapsed();
+        rows.entry("cold full render (Ruleset::new + render_full)").or_default().push(format!(
+            "{:.0} ms ({:.1} MB of text)",
+            cold.as_secs_f64() * 1e3,
+            text.len() as f64 / 1e6
+        ));
+        drop(text);
+        rows.entry("process RSS with the Ruleset and its model").or_default().push(format!("{:.0} MiB", rss_mib()));
+
+        // One Service edited (a port changed), then put back: each a partial render.
+        let (mut kept_svc, mut kept_ep, mut whole_svc, mut whole_ep) = (vec![], vec![], vec![], vec![]);
+        let mut current = m.clone();
+        for i in 0..UPDATES {
+            let key = ServiceKey::new("bench", format!("svc-{}", (i * 7919) % n));
+            let keys = BTreeSet::from([key.clone()]);
+            for (edit, kept, whole) in [(0, &mut kept_svc, &mut whole_svc), (1, &mut kept_ep, &mut whole_ep)] {
+                let mut next = current.clone();
+                let svc = next.services.get_mut(&key).unwrap();
+                if edit == 0 {
+                    svc.ports[0].port = if svc.ports[0].port == 80 { 81 } else { 80 };
+                } else {
+                    let e = &mut svc.ports[0].endpoints[0];
+                    e.ip = if e.ip == v4(0xC000_02FA) { v4(0xC000_02FB) } else { v4(0xC000_02FA) };
+                }
+                if i < 3 {
+                    // The old way, from the whole models: slow, so a few samples.
+                    let t = std::time::Instant::now();
+                    let p = render_partial(&current, &next);
+                    whole.push(t.elapsed());
+                    assert!(!p.now.is_empty());
+                }
+                let t = std::time::Instant::now();
+                let (p, _) = ruleset.update(&next, &keys);
+                kept.push(t.elapsed());
+                assert!(!p.full && !p.now.is_empty());
+                current = next;
+            }
+        }
+        rows.entry("one-Service update, kept Ruleset (p50)").or_default().push(format!("{:.2} ms", p50(kept_svc)));
+        rows.entry("one-endpoint change, kept Ruleset (p50)").or_default().push(format!("{:.2} ms", p50(kept_ep)));
+        rows.entry("one-Service update, render_partial of whole models (p50)")
+            .or_default()
+            .push(format!("{:.0} ms", p50(whole_svc)));
+        rows.entry("one-endpoint change, render_partial of whole models (p50)")
+            .or_default()
+            .push(format!("{:.0} ms", p50(whole_ep)));
+    }
+    println!(
+        "\n| Rust rendering, 1 port × 10 endpoints a service | 10,000 services | 50,000 services |\n|---|---|---|"
+    );
+    for (name, v) in rows {
+        println!("| {name} | {} | {} |", v[0], v[1]);
     }
 }

@@ -32,8 +32,9 @@ pub struct Ruleset {
     ctx: Context,
     model: Model,
     rules: HashMap<ServiceKey, ServiceRules>,
-    /// `(set, key)` -> each Service claiming it, with its verdict. The first by key wins.
-    claims: BTreeMap<(GlobalSet, String), BTreeMap<ServiceKey, Option<Verdict>>>,
+    /// `(set, key)` -> each Service claiming it (sorted by key; most often one), with its
+    /// verdict. The first wins.
+    claims: BTreeMap<(GlobalSet, String), Claimants>,
     /// Endpoint map -> element -> how many Services have it (two ports of one name share).
     buckets: BTreeMap<EndpointMap, BTreeMap<String, u32>>,
     slots: SlotIndex,
@@ -43,6 +44,9 @@ pub struct Ruleset {
     /// Services whose rules read the node's addresses.
     node_ip_readers: BTreeSet<ServiceKey>,
 }
+
+/// The Services claiming one element, sorted by key, each with its verdict.
+type Claimants = Vec<(ServiceKey, Option<Verdict>)>;
 
 /// What [`Ruleset::update`] changed, to put the model back when the transaction fails.
 #[derive(Debug, Default)]
@@ -68,7 +72,7 @@ impl Ruleset {
             node_ip_readers: BTreeSet::new(),
         };
         let keys: BTreeSet<ServiceKey> = model.services.keys().cloned().collect();
-        r.apply(model, &keys);
+        r.apply(model, &keys, false);
         r
     }
 
@@ -91,7 +95,7 @@ impl Ruleset {
 
     /// Renders the Services of `keys` as `next` has them (absent: removed), updates the
     /// indexes, and returns the changed Services with their rules before (`None`: had none).
-    fn apply(&mut self, next: &Model, keys: &BTreeSet<ServiceKey>) -> Changed {
+    fn apply(&mut self, next: &Model, keys: &BTreeSet<ServiceKey>, track: bool) -> Changed {
         let ctx = self.ctx.clone();
         let differs: Vec<&ServiceKey> =
             keys.iter().filter(|k| self.model.services.get(*k) != next.services.get(*k)).collect();
@@ -108,7 +112,7 @@ impl Ruleset {
             })
             .collect();
         let moved = self.slots.update(requests);
-        let mut changed = Changed::default();
+        let mut changed = Changed { track, ..Changed::default() };
         let mut render: BTreeMap<ServiceKey, bool> = differs.iter().map(|k| ((*k).clone(), true)).collect();
         for k in moved {
             render.entry(k).or_insert(false);
@@ -143,9 +147,13 @@ impl Ruleset {
                     Some(svc) => self.model.services.insert(key.clone(), svc.clone()),
                     None => self.model.services.remove(&key),
                 };
-                changed.undo.push((key.clone(), before));
+                if changed.track {
+                    changed.undo.push((key.clone(), before));
+                }
             }
-            changed.services.insert(key, old);
+            if changed.track {
+                changed.services.insert(key, old);
+            }
         }
         changed
     }
@@ -155,21 +163,27 @@ impl Ruleset {
         for c in &rules.claims {
             let k = (c.set, c.key.clone());
             let Some(claimants) = self.claims.get_mut(&k) else { continue };
-            changed.elements.entry(k.clone()).or_insert_with(|| claimants.values().next().cloned());
-            claimants.remove(key);
+            if changed.track {
+                changed.elements.entry(k.clone()).or_insert_with(|| claimants.first().map(|(_, v)| v.clone()));
+            }
+            if let Ok(i) = claimants.binary_search_by(|(s, _)| s.cmp(key)) {
+                claimants.remove(i);
+            }
             if claimants.is_empty() {
                 self.claims.remove(&k);
             }
         }
         for (map, entry) in &rules.entries {
             let Some(elements) = self.buckets.get_mut(map) else { continue };
-            changed.buckets.entry(*map).or_insert(true);
+            if changed.track {
+                changed.buckets.entry(*map).or_insert(true);
+            }
             if let Some(n) = elements.get_mut(entry) {
                 *n -= 1;
                 if *n == 0 {
                     elements.remove(entry);
                     let k = (*map, entry.clone());
-                    if !changed.bucket_elements.remove(&k) {
+                    if changed.track && !changed.bucket_elements.remove(&k) {
                         changed.bucket_elements.insert(k);
                     }
                 }
@@ -190,17 +204,25 @@ impl Ruleset {
     /// Puts a Service's new rules into the indexes.
     fn remember(&mut self, key: &ServiceKey, rules: &ServiceRules, changed: &mut Changed) {
         for c in &rules.claims {
-            let k = (c.set, c.key.clone());
-            let claimants = self.claims.entry(k.clone()).or_default();
-            changed.elements.entry(k).or_insert_with(|| claimants.values().next().cloned());
+            let claimants = self.claims.entry((c.set, c.key.clone())).or_default();
+            if changed.track {
+                changed
+                    .elements
+                    .entry((c.set, c.key.clone()))
+                    .or_insert_with(|| claimants.first().map(|(_, v)| v.clone()));
+            }
             // A Service's first claim of a key is its claim.
-            claimants.entry(key.clone()).or_insert_with(|| c.verdict.clone());
+            if let Err(i) = claimants.binary_search_by(|(s, _)| s.cmp(key)) {
+                claimants.insert(i, (key.clone(), c.verdict.clone()));
+            }
         }
         for (map, entry) in &rules.entries {
-            let existed = self.buckets.contains_key(map);
-            changed.buckets.entry(*map).or_insert(existed);
+            if changed.track {
+                let existed = self.buckets.contains_key(map);
+                changed.buckets.entry(*map).or_insert(existed);
+            }
             let n = self.buckets.entry(*map).or_default().entry(entry.clone()).or_insert(0);
-            if *n == 0 && !changed.bucket_elements.remove(&(*map, entry.clone())) {
+            if changed.track && *n == 0 && !changed.bucket_elements.remove(&(*map, entry.clone())) {
                 changed.bucket_elements.insert((*map, entry.clone()));
             }
             *n += 1;
@@ -218,7 +240,7 @@ impl Ruleset {
 
     /// The winning verdict of `(set, key)`, if anybody claims it.
     fn winner(&self, k: &(GlobalSet, String)) -> Option<Option<Verdict>> {
-        self.claims.get(k).and_then(|c| c.values().next().cloned())
+        self.claims.get(k).and_then(|c| c.first().map(|(_, v)| v.clone()))
     }
 
     /// A transaction building this table whole: replacing an existing one (`replace`), or
@@ -287,7 +309,7 @@ impl Ruleset {
                 .claims
                 .range((set, String::new())..)
                 .take_while(|((s, _), _)| *s == set)
-                .filter_map(|((_, key), c)| Some(element(key, c.values().next()?.as_ref())))
+                .filter_map(|((_, key), c)| Some(element(key, c.first()?.1.as_ref())))
                 .collect(),
         }
     }
@@ -309,7 +331,7 @@ impl Ruleset {
             return (PartialSync { now, full: true, ..PartialSync::default() }, undo);
         }
         let old_ctx = self.ctx.clone();
-        let changed = self.apply(next, keys);
+        let changed = self.apply(next, keys, true);
         let globals = (self.model.node_ips != next.node_ips || self.model.pod_cidrs != next.pod_cidrs)
             .then(|| Model { services: BTreeMap::new(), ..self.model.clone() });
         self.model.node_ips.clone_from(&next.node_ips);
@@ -476,6 +498,8 @@ impl Ruleset {
 /// What one [`Ruleset::apply`] touched.
 #[derive(Debug, Default)]
 struct Changed {
+    /// Whether to record anything (not when the whole table is built).
+    track: bool,
     /// Each Service rendered again and found different, with its rules before.
     services: BTreeMap<ServiceKey, Option<ServiceRules>>,
     /// Each element some of them claimed before or after, with its winner before.
