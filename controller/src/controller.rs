@@ -13,7 +13,7 @@
 //! twice while the cache has not caught up); Events and the pools' status are written by tasks
 //! of their own.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
@@ -309,11 +309,12 @@ async fn lead(client: Client, s: Settings, caches: Caches, metrics: Arc<Metrics>
 }
 
 /// A status or annotation write sent: what it writes, and the version of the Service it was
-/// worked out from. While the cache still shows that version (the write is in flight, or has
-/// landed and the watch has not brought it yet), the same write is not sent again.
+/// worked out from. While it is in flight, or the cache still shows that version (it landed and
+/// the watch has not brought it yet), the same write is not sent again.
 struct Sent {
     action: Action,
     version: Option<String>,
+    in_flight: bool,
 }
 
 /// Which write: of a Service's status (`true`) or of its annotation.
@@ -333,6 +334,7 @@ async fn reconcile_loop(
     let permits = Arc::new(Semaphore::new(WRITE_CONCURRENCY));
     let mut writing = FuturesUnordered::new();
     let mut sent: HashMap<WriteKey, Sent> = HashMap::new();
+    let mut held_back: HashSet<ServiceKey> = HashSet::new();
     let mut retry: Option<tokio::time::Instant> = None;
     let mut due = true;
     loop {
@@ -351,8 +353,9 @@ async fn reconcile_loop(
                 })
                 .collect();
             let version = |k: &ServiceKey| versions.get(&(k.namespace.as_str(), k.name.as_str())).copied().flatten();
-            // What the cache has moved past is forgotten: a write needed again is sent again.
-            sent.retain(|(k, _), w| version(k) == w.version.as_deref());
+            // What landed and the cache has moved past is forgotten: a write needed again is
+            // sent again.
+            sent.retain(|(k, _), w| w.in_flight || version(k) == w.version.as_deref());
 
             // Statuses first: they are what a new Service waits for.
             let (told, mut writes): (Vec<_>, Vec<_>) =
@@ -366,10 +369,16 @@ async fn reconcile_loop(
                     Action::Event { .. } => continue,
                 };
                 let version = version(&wk.0).map(str::to_string);
-                if sent.get(&wk).is_some_and(|w| w.action == action && w.version == version) {
+                if sent.get(&wk).is_some_and(|w| w.action == action && (w.in_flight || w.version == version)) {
                     continue;
                 }
-                sent.insert(wk.clone(), Sent { action: action.clone(), version });
+                // A Service's annotation after its status: sent together, the first to land
+                // would move the cache past the version the other was worked out from.
+                if !wk.1 && sent.get(&(wk.0.clone(), true)).is_some_and(|w| w.in_flight) {
+                    held_back.insert(wk.0);
+                    continue;
+                }
+                sent.insert(wk.clone(), Sent { action: action.clone(), version, in_flight: true });
                 n_writes += 1;
                 let (applier, permits) = (Arc::clone(applier), Arc::clone(&permits));
                 writing.push(async move {
@@ -408,6 +417,16 @@ async fn reconcile_loop(
             Some((wk, r, took)) = writing.next(), if !writing.is_empty() => {
                 if wk.1 {
                     metrics.status_write.observe(took.as_secs_f64());
+                }
+                if r.is_ok()
+                    && let Some(w) = sent.get_mut(&wk)
+                {
+                    w.in_flight = false;
+                }
+                // An annotation held back for it: a pass sends it (the watch may have brought
+                // this status before its answer came, with no other change to come).
+                if wk.1 && held_back.remove(&wk.0) {
+                    due = true;
                 }
                 if let Err(e) = r {
                     sent.remove(&wk);
