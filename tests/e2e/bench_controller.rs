@@ -1,9 +1,16 @@
 //! Controller benchmark (`make bench-controller`): prints a table, asserts nothing.
 //!
 //! 1. In memory: allocate 10,000 services from one pool; reconcile 10,000 services from
-//!    scratch, then the converged pass a new event triggers.
+//!    scratch, then the converged pass a new event triggers. Then 100,000: allocate, restore
+//!    them into a fresh allocator (as a new leader does from Service status), a new leader's
+//!    first reconcile pass over them, and the process's RSS.
 //! 2. In the lab: create 1,000 LoadBalancer Services through the API and time each one
 //!    from create to `status.loadBalancer.ingress` (p50/p99), and the controller's peak RSS.
+//!    Where the time goes: the create request's own round trip, the controller's passes (how
+//!    many, how long from cache to actions) and its status writes' round trips (/metrics).
+//!    `BENCH_LAB=0` skips this part, `BENCH_MEMORY=0` the first; `BENCH_CONTROLLER_ARGS`
+//!    adds flags to the controller (`--log-level=info,ferrolb_controller=debug` logs every
+//!    pass to `/tmp/ferrolb-e2e-bench.log`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -90,17 +97,81 @@ fn in_memory(rows: &mut Vec<(String, String)>) {
     let t = Instant::now();
     let _ = r.reconcile(&p, &services, &BTreeMap::new());
     rows.push(("reconcile pass over 10,000 converged services".into(), ms(t.elapsed())));
-    let mut fresh = Reconciler::new(ClassPolicy::default());
-    let t = Instant::now();
-    let moved = fresh
-        .reconcile(&p, &services, &BTreeMap::new())
-        .iter()
-        .filter(|a| matches!(a, Action::SetStatus { .. }))
-        .count();
-    rows.push(("new leader: restore 10,000 from status".into(), format!("{} ({moved} moves)", ms(t.elapsed()))));
+    let (_, took, moved) = new_leader(&p, &services);
+    rows.push(("new leader: restore 10,000 from status".into(), format!("{} ({moved} moves)", ms(took))));
     if let Some(kib) = vm_hwm_kib(std::process::id()) {
         rows.push(("bench process peak RSS after 10,000 in memory".into(), format!("{:.1} MiB", kib as f64 / 1024.0)));
     }
+}
+
+/// 100,000 services: allocation, a restore from scratch, and what they cost in memory.
+fn in_memory_100k(rows: &mut Vec<(String, String)>) {
+    const N: usize = 100_000;
+    // 131,072 addresses: the whole benchmarking range.
+    let p = pools("198.18.0.0/15");
+    let requests: Vec<Request> = (0..N).map(request).collect();
+    let mut a = Allocator::new(&p);
+    let t = Instant::now();
+    let held: Vec<_> = requests.iter().filter_map(|r| a.allocate(r).ok().map(|x| x.ips.clone())).collect();
+    let e = t.elapsed();
+    rows.push((
+        "allocate 100,000 services (in memory)".into(),
+        format!("{} total, {:.1} µs each ({} got one)", ms(e), e.as_secs_f64() * 1e6 / N as f64, held.len()),
+    ));
+
+    let rss_before = vm_rss_kib();
+    let mut b = Allocator::new(&p);
+    let t = Instant::now();
+    let restored = requests.iter().zip(&held).filter(|(r, ips)| b.restore(r, ips).is_ok()).count();
+    let e = t.elapsed();
+    let rss_restored = vm_rss_kib();
+    rows.push((
+        "restore 100,000 into a fresh allocator".into(),
+        format!("{} total, {:.1} µs each ({restored} restored)", ms(e), e.as_secs_f64() * 1e6 / N as f64),
+    ));
+    let t = Instant::now();
+    let _ = b.allocate(&request(N));
+    rows.push(("then allocate one more (pool 76 % full)".into(), format!("{:.1} µs", t.elapsed().as_secs_f64() * 1e6)));
+    drop(b);
+
+    let mut services: Vec<Service> = (0..N).map(|i| service(&format!("s{i}"))).collect();
+    for (s, ips) in services.iter_mut().zip(&held) {
+        ferrolb_controller::service::set_status_ips(s, ips);
+    }
+    let (mut fresh, took, moved) = new_leader(&p, &services);
+    rows.push(("new leader: first pass over 100,000 with status".into(), format!("{} ({moved} moves)", ms(took))));
+    let t = Instant::now();
+    let _ = fresh.reconcile(&p, &services, &BTreeMap::new());
+    rows.push(("reconcile pass over 100,000 converged services".into(), ms(t.elapsed())));
+
+    if let (Some(before), Some(after)) = (rss_before, rss_restored) {
+        rows.push((
+            "RSS growth of that restore (one allocator of 100,000)".into(),
+            format!("{:.1} MiB", after.saturating_sub(before) as f64 / 1024.0),
+        ));
+    }
+    if let Some(kib) = vm_rss_kib() {
+        rows.push(("bench process RSS after 100,000 in memory".into(), format!("{:.1} MiB", kib as f64 / 1024.0)));
+    }
+    if let Some(kib) = vm_hwm_kib(std::process::id()) {
+        rows.push(("bench process peak RSS after 100,000 in memory".into(), format!("{:.1} MiB", kib as f64 / 1024.0)));
+    }
+}
+
+/// A new leader's first pass over `services`: the reconciler, its time, and how many services
+/// it moved.
+fn new_leader(p: &ferrolb_config::Pools, services: &[Service]) -> (Reconciler, Duration, usize) {
+    let mut fresh = Reconciler::new(ClassPolicy::default());
+    let t = Instant::now();
+    let actions = fresh.reconcile(p, services, &BTreeMap::new());
+    let took = t.elapsed();
+    (fresh, took, actions.iter().filter(|a| matches!(a, Action::SetStatus { .. })).count())
+}
+
+/// This process's resident set now.
+fn vm_rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 async fn in_lab(lab: &Lab, rows: &mut Vec<(String, String)>) -> Result<()> {
@@ -111,7 +182,8 @@ async fn in_lab(lab: &Lab, rows: &mut Vec<(String, String)>) -> Result<()> {
     lab.apply(
         "apiVersion: ferrolb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: bench, namespace: ferrolb-system}\nspec:\n  addresses: [198.18.96.0/22]\n",
     )?;
-    let ctl = Controller::start("bench", 17479, &[])?;
+    let extra = std::env::var("BENCH_CONTROLLER_ARGS").unwrap_or_default();
+    let ctl = Controller::start("bench", 17479, &extra.split_whitespace().collect::<Vec<_>>())?;
     let pid = ctl_pid()?;
 
     let client = kube::Client::try_from(
@@ -123,6 +195,7 @@ async fn in_lab(lab: &Lab, rows: &mut Vec<(String, String)>) -> Result<()> {
     )?;
     let api: Api<Service> = Api::namespaced(client, "default");
     let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let create_rtt: Arc<Mutex<HashMap<String, Duration>>> = Arc::default();
     let done: Arc<Mutex<HashMap<String, Duration>>> = Arc::default();
     let (c2, d2, api2) = (created.clone(), done.clone(), api.clone());
     let watch = tokio::spawn(async move {
@@ -147,14 +220,19 @@ async fn in_lab(lab: &Lab, rows: &mut Vec<(String, String)>) -> Result<()> {
     let t_all = Instant::now();
     futures::stream::iter(0..N)
         .for_each_concurrent(8, |i| {
-            let (api, created) = (api.clone(), created.clone());
+            let (api, created, create_rtt) = (api.clone(), created.clone(), create_rtt.clone());
             async move {
                 let name = format!("bench-{i:04}");
+                let t0 = Instant::now();
                 if let Ok(mut c) = created.lock() {
-                    c.insert(name.clone(), Instant::now());
+                    c.insert(name.clone(), t0);
                 }
                 if let Err(e) = api.create(&PostParams::default(), &service(&name)).await {
                     eprintln!("create {name}: {e}");
+                    return;
+                }
+                if let Ok(mut r) = create_rtt.lock() {
+                    r.insert(name, t0.elapsed());
                 }
             }
         })
@@ -166,8 +244,16 @@ async fn in_lab(lab: &Lab, rows: &mut Vec<(String, String)>) -> Result<()> {
     }
     let all_secs = t_all.elapsed().as_secs_f64();
     watch.abort();
-    let mut lat: Vec<Duration> = done.lock().map(|d| d.values().copied().collect()).unwrap_or_default();
+    let done = done.lock().map(|d| d.clone()).unwrap_or_default();
+    let rtts = create_rtt.lock().map(|r| r.clone()).unwrap_or_default();
+    let mut lat: Vec<Duration> = done.values().copied().collect();
     lat.sort();
+    let mut rtt: Vec<Duration> = rtts.values().copied().collect();
+    rtt.sort();
+    // From the create's answer to the status: what the controller (and the watches) add.
+    let mut after: Vec<Duration> =
+        done.iter().filter_map(|(name, l)| rtts.get(name).map(|r| l.saturating_sub(*r))).collect();
+    after.sort();
     rows.push((
         format!("lab: {N} Services created ({:.0}/s, 8 at a time)", N as f64 / create_secs),
         format!("{} got an address, all within {all_secs:.1} s", lat.len()),
@@ -175,6 +261,29 @@ async fn in_lab(lab: &Lab, rows: &mut Vec<(String, String)>) -> Result<()> {
     rows.push(("lab: create -> status.loadBalancer.ingress p50".into(), ms(pct(&lat, 0.50))));
     rows.push(("lab: create -> status.loadBalancer.ingress p99".into(), ms(pct(&lat, 0.99))));
     rows.push(("lab: create -> status.loadBalancer.ingress max".into(), ms(lat.last().copied().unwrap_or_default())));
+    rows.push((
+        "lab: of which the create request's round trip p50 / p99".into(),
+        format!("{} / {}", ms(pct(&rtt, 0.50)), ms(pct(&rtt, 0.99))),
+    ));
+    rows.push((
+        "lab: create answered -> ingress p50 / p99".into(),
+        format!("{} / {}", ms(pct(&after, 0.50)), ms(pct(&after, 0.99))),
+    ));
+    let text = run("curl", &["-s", "http://127.0.0.1:17479/metrics"]).unwrap_or_default();
+    let metric =
+        |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok());
+    let mean = |h: &str, what: &str| match (metric(&format!("{h}_sum")), metric(&format!("{h}_count"))) {
+        (Some(sum), Some(n)) if n > 0.0 => format!("{n:.0} {what}, mean {:.2} ms", sum * 1000.0 / n),
+        _ => "not reported".to_string(),
+    };
+    rows.push((
+        "lab: controller reconcile passes (cache -> actions)".into(),
+        mean("ferrolb_controller_pass_reconcile_seconds", "passes"),
+    ));
+    rows.push((
+        "lab: controller status writes (send -> answer)".into(),
+        mean("ferrolb_controller_status_write_seconds", "writes"),
+    ));
     if let Some(kib) = vm_hwm_kib(pid) {
         rows.push((format!("lab: controller peak RSS ({N} services)"), format!("{:.1} MiB", kib as f64 / 1024.0)));
     }
@@ -190,12 +299,17 @@ fn ctl_pid() -> Result<u32> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut rows = Vec::new();
-    in_memory(&mut rows);
-    let lab = Lab::new()?;
-    let _ = lab.lab(&["down"]);
-    let r = in_lab(&lab, &mut rows).await;
-    let _ = lab.lab(&["down"]);
-    r?;
+    if std::env::var("BENCH_MEMORY").as_deref() != Ok("0") {
+        in_memory(&mut rows);
+        in_memory_100k(&mut rows);
+    }
+    if std::env::var("BENCH_LAB").as_deref() != Ok("0") {
+        let lab = Lab::new()?;
+        let _ = lab.lab(&["down"]);
+        let r = in_lab(&lab, &mut rows).await;
+        let _ = lab.lab(&["down"]);
+        r?;
+    }
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     println!(
         "\nferrolb-controller benchmark ({})",
