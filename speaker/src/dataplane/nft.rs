@@ -393,20 +393,8 @@ impl<'a> Transaction<'a> {
                     let _ = write!(out, "delete table {t}");
                 }
                 Op::AddSet { set, elements } => {
-                    let _ = write!(out, "add {} {t} {} {{ ", set.kind().as_str(), set.name);
-                    set.write_spec(out);
-                    if elements.is_empty() {
-                        out.push_str(" }");
-                    } else {
-                        out.push_str(" elements = { ");
-                        for (i, e) in elements.iter().enumerate() {
-                            if i > 0 {
-                                out.push_str(", ");
-                            }
-                            let _ = write!(out, "{e}");
-                        }
-                        out.push_str(" } ; }");
-                    }
+                    write_add_set(out, t, set, elements);
+                    continue;
                 }
                 Op::FlushSet(set) => {
                     let _ = write!(out, "flush {} {t} {}", set.kind().as_str(), set.name);
@@ -429,6 +417,26 @@ impl<'a> Transaction<'a> {
             out.push('\n');
         }
     }
+}
+
+/// `add set|map T name { spec [elements = { … } ;] }` and a newline: [`Op::AddSet`], for
+/// elements of any kind that writes itself (a large set's elements need not be collected first).
+pub fn write_add_set<E: fmt::Display>(out: &mut String, t: Table, set: &Set, elements: impl IntoIterator<Item = E>) {
+    let _ = write!(out, "add {} {t} {} {{ ", set.kind().as_str(), set.name);
+    set.write_spec(out);
+    let mut elements = elements.into_iter().peekable();
+    if elements.peek().is_none() {
+        out.push_str(" }\n");
+        return;
+    }
+    out.push_str(" elements = { ");
+    for (i, e) in elements.enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        let _ = write!(out, "{e}");
+    }
+    out.push_str(" } ; }\n");
 }
 
 /// A chain with its hook, comment and (when `rules`) rules in one command: `nft` needs no cache

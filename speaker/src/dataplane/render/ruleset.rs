@@ -18,6 +18,7 @@
 //! later ports), not to the table.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use super::super::model::{Model, ServiceKey, ServiceModel};
 use super::super::nft::{self, Element, Op, SetKind, Transaction};
@@ -34,9 +35,9 @@ pub struct Ruleset {
     rules: HashMap<ServiceKey, ServiceRules>,
     /// `(set, key)` -> each Service claiming it (sorted by key; most often one), with its
     /// verdict. The first wins.
-    claims: BTreeMap<(GlobalSet, String), Claimants>,
+    claims: BTreeMap<(GlobalSet, Arc<str>), Claimants>,
     /// Endpoint map -> element -> how many Services have it (two ports of one name share).
-    buckets: BTreeMap<EndpointMap, BTreeMap<String, u32>>,
+    buckets: BTreeMap<EndpointMap, BTreeMap<Arc<str>, u32>>,
     slots: SlotIndex,
     /// Chain and affinity-set names in use -> by how many Services (for the cleanup).
     chain_users: HashMap<String, u32>,
@@ -45,8 +46,9 @@ pub struct Ruleset {
     node_ip_readers: BTreeSet<ServiceKey>,
 }
 
-/// The Services claiming one element, sorted by key, each with its verdict.
-type Claimants = Vec<(ServiceKey, Option<Verdict>)>;
+/// The Services claiming one element, sorted by key, each with its verdict. A Service's key is
+/// one allocation shared by all its claims.
+type Claimants = Vec<(Arc<ServiceKey>, Option<Verdict>)>;
 
 /// What [`Ruleset::update`] changed, to put the model back when the transaction fails.
 #[derive(Debug, Default)]
@@ -71,8 +73,7 @@ impl Ruleset {
             set_users: HashMap::new(),
             node_ip_readers: BTreeSet::new(),
         };
-        let keys: BTreeSet<ServiceKey> = model.services.keys().cloned().collect();
-        r.apply(model, &keys, false);
+        r.apply(model, model.services.keys(), false);
         r
     }
 
@@ -95,64 +96,66 @@ impl Ruleset {
 
     /// Renders the Services of `keys` as `next` has them (absent: removed), updates the
     /// indexes, and returns the changed Services with their rules before (`None`: had none).
-    fn apply(&mut self, next: &Model, keys: &BTreeSet<ServiceKey>, track: bool) -> Changed {
-        let ctx = self.ctx.clone();
-        let differs: Vec<&ServiceKey> =
-            keys.iter().filter(|k| self.model.services.get(*k) != next.services.get(*k)).collect();
-        let requests = differs
-            .iter()
-            .map(|k| {
-                let requests = match next.services.get(*k) {
-                    Some(svc) => {
-                        ServicePlan::new(&ctx, k, svc).slot_requests().map(|(id, r)| (id.clone(), r.clone())).collect()
-                    }
-                    None => Vec::new(),
-                };
-                ((*k).clone(), requests)
-            })
-            .collect();
-        let moved = self.slots.update(requests);
-        let mut changed = Changed { track, ..Changed::default() };
-        let mut render: BTreeMap<ServiceKey, bool> = differs.iter().map(|k| ((*k).clone(), true)).collect();
-        for k in moved {
+    fn apply<'k>(&mut self, next: &'k Model, keys: impl IntoIterator<Item = &'k ServiceKey>, track: bool) -> Changed {
+        // Family, mode and node never change here (that is a rebuild): a plan made with the new
+        // context asks for the slots the render will read.
+        let ctx = Context::of(next);
+        let mut plans: HashMap<&ServiceKey, ServicePlan<'_>> = HashMap::new();
+        let mut requests = Vec::new();
+        let mut render: BTreeMap<&ServiceKey, bool> = BTreeMap::new();
+        for k in keys {
+            let svc = next.services.get(k);
+            if self.model.services.get(k) == svc {
+                continue;
+            }
+            let plan = svc.map(|svc| ServicePlan::new(&ctx, k, svc));
+            let asks = plan.iter().flat_map(|p| p.slot_requests()).map(|(id, r)| (id.clone(), r.clone())).collect();
+            requests.push((k.clone(), asks));
+            if let Some(plan) = plan {
+                plans.insert(k, plan);
+            }
+            render.insert(k, true);
+        }
+        let mut others = self.slots.update(requests);
+        if self.ctx.node_ips != ctx.node_ips {
+            others.extend(self.node_ip_readers.iter().cloned());
+        }
+        for k in &others {
             render.entry(k).or_insert(false);
         }
-        if self.ctx.node_ips != Context::of(next).node_ips {
-            for k in &self.node_ip_readers {
-                render.entry(k.clone()).or_insert(false);
-            }
-        }
-        self.ctx = Context::of(next);
-        let ctx = self.ctx.clone();
+        self.ctx = ctx;
+        let mut changed = Changed { track, ..Changed::default() };
         for (key, model_changed) in render {
-            let svc = if model_changed { next.services.get(&key) } else { self.model.services.get(&key) };
-            let new = svc.map(|svc| {
-                ServicePlan::new(&ctx, &key, svc)
-                    .render(&ctx, |id, _| self.slots.slot_of(&key, id).unwrap_or_else(|| unplaced(id)))
-            });
-            let old = self.rules.get(&key);
+            let new = if model_changed {
+                plans.remove(key).map(|plan| plan.render(&self.ctx, |id, _| slot(&self.slots, key, id)))
+            } else {
+                self.model.services.get(key).map(|svc| {
+                    ServicePlan::new(&self.ctx, key, svc).render(&self.ctx, |id, _| slot(&self.slots, key, id))
+                })
+            };
+            let old = self.rules.get(key);
             if !model_changed && old == new.as_ref() {
                 continue;
             }
-            let old = self.rules.remove(&key);
+            let old = self.rules.remove(key);
             if let Some(old) = &old {
-                self.forget(&key, old, &mut changed);
+                self.forget(key, old, &mut changed);
             }
             if let Some(new) = new {
-                self.remember(&key, &new, &mut changed);
+                self.remember(key, &new, &mut changed);
                 self.rules.insert(key.clone(), new);
             }
             if model_changed {
-                let before = match next.services.get(&key) {
+                let before = match next.services.get(key) {
                     Some(svc) => self.model.services.insert(key.clone(), svc.clone()),
-                    None => self.model.services.remove(&key),
+                    None => self.model.services.remove(key),
                 };
                 if changed.track {
                     changed.undo.push((key.clone(), before));
                 }
             }
             if changed.track {
-                changed.services.insert(key, old);
+                changed.services.insert(key.clone(), old);
             }
         }
         changed
@@ -164,9 +167,9 @@ impl Ruleset {
             let k = (c.set, c.key.clone());
             let Some(claimants) = self.claims.get_mut(&k) else { continue };
             if changed.track {
-                changed.elements.entry(k.clone()).or_insert_with(|| claimants.first().map(|(_, v)| v.clone()));
+                changed.elements.entry(k.clone()).or_insert_with(|| claimants.first().map(|(_, v)| *v));
             }
-            if let Ok(i) = claimants.binary_search_by(|(s, _)| s.cmp(key)) {
+            if let Ok(i) = claimants.binary_search_by(|(s, _)| (**s).cmp(key)) {
                 claimants.remove(i);
             }
             if claimants.is_empty() {
@@ -192,28 +195,27 @@ impl Ruleset {
                 self.buckets.remove(map);
             }
         }
-        for name in rules.chains.keys() {
-            release(&mut self.chain_users, name);
+        for c in &rules.chains {
+            release(&mut self.chain_users, &c.chain.name);
         }
-        for name in rules.affinity_sets.keys() {
-            release(&mut self.set_users, name);
+        for set in &rules.affinity_sets {
+            release(&mut self.set_users, &set.name);
         }
         self.node_ip_readers.remove(key);
     }
 
     /// Puts a Service's new rules into the indexes.
     fn remember(&mut self, key: &ServiceKey, rules: &ServiceRules, changed: &mut Changed) {
+        let mut shared: Option<Arc<ServiceKey>> = None;
         for c in &rules.claims {
             let claimants = self.claims.entry((c.set, c.key.clone())).or_default();
             if changed.track {
-                changed
-                    .elements
-                    .entry((c.set, c.key.clone()))
-                    .or_insert_with(|| claimants.first().map(|(_, v)| v.clone()));
+                changed.elements.entry((c.set, c.key.clone())).or_insert_with(|| claimants.first().map(|(_, v)| *v));
             }
             // A Service's first claim of a key is its claim.
-            if let Err(i) = claimants.binary_search_by(|(s, _)| s.cmp(key)) {
-                claimants.insert(i, (key.clone(), c.verdict.clone()));
+            if let Err(i) = claimants.binary_search_by(|(s, _)| (**s).cmp(key)) {
+                let shared = shared.get_or_insert_with(|| Arc::new(key.clone()));
+                claimants.insert(i, (Arc::clone(shared), c.verdict));
             }
         }
         for (map, entry) in &rules.entries {
@@ -227,11 +229,11 @@ impl Ruleset {
             }
             *n += 1;
         }
-        for name in rules.chains.keys() {
-            *self.chain_users.entry(name.clone()).or_default() += 1;
+        for c in &rules.chains {
+            use_name(&mut self.chain_users, &c.chain.name);
         }
-        for name in rules.affinity_sets.keys() {
-            *self.set_users.entry(name.clone()).or_default() += 1;
+        for set in &rules.affinity_sets {
+            use_name(&mut self.set_users, &set.name);
         }
         if rules.reads_node_ips() {
             self.node_ip_readers.insert(key.clone());
@@ -239,8 +241,8 @@ impl Ruleset {
     }
 
     /// The winning verdict of `(set, key)`, if anybody claims it.
-    fn winner(&self, k: &(GlobalSet, String)) -> Option<Option<Verdict>> {
-        self.claims.get(k).and_then(|c| c.first().map(|(_, v)| v.clone()))
+    fn winner(&self, k: &(GlobalSet, Arc<str>)) -> Option<Option<Verdict>> {
+        self.claims.get(k).and_then(|c| c.first().map(|(_, v)| *v))
     }
 
     /// A transaction building this table whole: replacing an existing one (`replace`), or
@@ -248,69 +250,78 @@ impl Ruleset {
     pub fn render_full(&self, replace: bool) -> String {
         let ctx = &self.ctx;
         let t = ctx.table();
+        // About 7 bytes of text per byte of model key, from the benchmark's tables; a guess
+        // only saves the copies of a growing buffer.
+        let mut out = String::with_capacity(4096 + 700 * self.rules.len());
         let mut tx = Transaction::new(ctx.family);
         if replace {
             tx.push(Op::AddTable);
             tx.push(Op::DeleteTable);
         }
         tx.push(Op::AddTableWithComment);
-
         tx.push(Op::Heading("sets and maps (verdict maps are filled at the end)"));
+        tx.render_into(&mut out);
         for g in ctx.global_sets() {
             let set = g.set(t);
-            let elements = if set.kind() == SetKind::Set { self.set_elements(g) } else { Vec::new() };
-            tx.add_set(set, elements);
+            if set.kind() == SetKind::Set {
+                self.write_set_elements(&mut out, g, &set);
+            } else {
+                nft::write_add_set(&mut out, t, &set, std::iter::empty::<&str>());
+            }
         }
         // Services in key order: of two chains or sets of one name, the later one is rendered.
-        let keys: BTreeSet<&ServiceKey> = self.rules.keys().collect();
-        let mut affinity = BTreeMap::new();
-        let mut chains = BTreeMap::new();
-        for r in keys.iter().filter_map(|k| self.rules.get(*k)) {
-            affinity.extend(r.affinity_sets.iter());
-            chains.extend(r.chains.iter());
-        }
-        for set in affinity.into_values() {
-            tx.add_set(set, Vec::new());
+        let rules: Vec<&ServiceRules> = self.model.services.keys().filter_map(|k| self.rules.get(k)).collect();
+        for set in last_of_each_name(rules.iter().flat_map(|r| &r.affinity_sets), |s| &s.name) {
+            nft::write_add_set(&mut out, t, set, std::iter::empty::<&str>());
         }
         for (map, list) in &self.buckets {
-            tx.add_set(map.set(t), list.keys().map(|e| Element::key(e.as_str())).collect());
+            nft::write_add_set(&mut out, t, &map.set(t), list.keys());
         }
 
+        let mut tx = Transaction::new(ctx.family);
         tx.push(Op::Heading("chains"));
         let base = ctx.base_chains();
         for chain in base.iter().filter(|c| c.base.is_none()) {
             tx.push(Op::AddChain(chain.into()));
         }
         // Service chains: the external ones jump to the others.
+        let chains = last_of_each_name(rules.iter().flat_map(|r| &r.chains), |c| &c.chain.name);
         for external in [false, true] {
-            for c in chains.values().filter(|c| (c.kind == ChainKind::Ext) == external) {
+            for c in chains.iter().filter(|c| (c.kind == ChainKind::Ext) == external) {
                 tx.push(Op::AddChain((&c.chain).into()));
             }
         }
         for chain in base.iter().filter(|c| c.base.is_some()) {
             tx.push(Op::AddChain(chain.into()));
         }
-
         tx.push(Op::Heading("verdict map elements"));
+        tx.render_into(&mut out);
         for g in ctx.global_sets() {
             let set = g.set(t);
             if set.kind() == SetKind::Map {
-                tx.add_elements(set, self.set_elements(g));
+                self.write_set_elements(&mut out, g, &set);
             }
         }
-        tx.render()
+        out
     }
 
-    fn set_elements(&self, set: GlobalSet) -> Vec<Element<'_>> {
-        match set {
-            GlobalSet::NodeIps => self.ctx.node_ip_elements(),
-            GlobalSet::PodCidrs => self.ctx.pod_cidr_elements(),
-            _ => self
-                .claims
-                .range((set, String::new())..)
-                .take_while(|((s, _), _)| *s == set)
-                .filter_map(|((_, key), c)| Some(element(key, c.first()?.1.as_ref())))
-                .collect(),
+    /// `add set` of a global set with its elements; nothing for a map without any.
+    fn write_set_elements(&self, out: &mut String, g: GlobalSet, set: &nft::Set) {
+        let t = self.ctx.table();
+        match g {
+            GlobalSet::NodeIps => nft::write_add_set(out, t, set, self.ctx.node_ip_elements()),
+            GlobalSet::PodCidrs => nft::write_add_set(out, t, set, self.ctx.pod_cidr_elements()),
+            _ => {
+                let mut elements = self
+                    .claims
+                    .range((g, Arc::from(""))..)
+                    .take_while(|((s, _), _)| *s == g)
+                    .filter_map(|((_, key), c)| Some(ClaimElement(key, c.first()?.1)))
+                    .peekable();
+                if set.kind() == SetKind::Set || elements.peek().is_some() {
+                    nft::write_add_set(out, t, set, elements);
+                }
+            }
         }
     }
 
@@ -331,7 +342,7 @@ impl Ruleset {
             return (PartialSync { now, full: true, ..PartialSync::default() }, undo);
         }
         let old_ctx = self.ctx.clone();
-        let changed = self.apply(next, keys, true);
+        let changed = self.apply(next, keys.iter(), true);
         let globals = (self.model.node_ips != next.node_ips || self.model.pod_cidrs != next.pod_cidrs)
             .then(|| Model { services: BTreeMap::new(), ..self.model.clone() });
         self.model.node_ips.clone_from(&next.node_ips);
@@ -352,12 +363,12 @@ impl Ruleset {
         let mut declare_maps: BTreeSet<EndpointMap> = BTreeSet::new();
         for (key, old) in &changed.services {
             if let Some(old) = old {
-                old_chains.extend(old.chains.iter());
-                old_sets.extend(old.affinity_sets.iter());
+                old_chains.extend(old.chains.iter().map(|c| (&c.chain.name, c)));
+                old_sets.extend(old.affinity_sets.iter().map(|s| (&s.name, s)));
             }
             if let Some(new) = self.rules.get(key) {
-                new_chains.extend(new.chains.iter());
-                new_sets.extend(new.affinity_sets.iter());
+                new_chains.extend(new.chains.iter().map(|c| (&c.chain.name, c)));
+                new_sets.extend(new.affinity_sets.iter().map(|s| (&s.name, s)));
                 declare_maps.extend(new.endpoint_maps.iter().copied());
             }
         }
@@ -405,9 +416,9 @@ impl Ruleset {
             }
             if before.is_some() {
                 if k.0 == GlobalSet::Hairpin {
-                    stale_hairpin.push(k.1.clone());
+                    stale_hairpin.push(k.1.to_string());
                 } else {
-                    deleted.push(Op::DeleteElement { set: k.0.name().into(), key: k.1.as_str().into() });
+                    deleted.push(Op::DeleteElement { set: k.0.name().into(), key: (&*k.1).into() });
                 }
             }
             if let Some(verdict) = after {
@@ -424,7 +435,7 @@ impl Ruleset {
         let mut stale_sets: Vec<String> =
             old_sets.keys().filter(|n| !new_sets.contains_key(*n)).map(|n| (*n).clone()).collect();
         for (map, existed) in &changed.buckets {
-            let differs = changed.bucket_elements.range((*map, String::new())..).next().is_some_and(|(m, _)| m == map);
+            let differs = changed.bucket_elements.range((*map, Arc::from(""))..).next().is_some_and(|(m, _)| m == map);
             if !differs {
                 continue;
             }
@@ -433,7 +444,7 @@ impl Ruleset {
                 body.push(Op::FlushSet(map.set(t).into()));
             }
             match self.buckets.get(map) {
-                Some(list) => body.add_elements(map.set(t), list.keys().map(|e| Element::key(e.as_str())).collect()),
+                Some(list) => body.add_elements(map.set(t), list.keys().map(|e| Element::key(&**e)).collect()),
                 None => stale_sets.push(map.name()),
             }
         }
@@ -473,7 +484,9 @@ impl Ruleset {
         for name in stale_sets.iter().filter(|n| !self.set_users.contains_key(*n) && !maps.contains(*n)) {
             tx.push(Op::DeleteSet(name.as_str().into()));
         }
-        for key in stale_hairpin.iter().filter(|k| !self.claims.contains_key(&(GlobalSet::Hairpin, (*k).clone()))) {
+        for key in
+            stale_hairpin.iter().filter(|k| !self.claims.contains_key(&(GlobalSet::Hairpin, Arc::from(k.as_str()))))
+        {
             tx.push(Op::DeleteElement { set: GlobalSet::Hairpin.name().into(), key: key.as_str().into() });
         }
         tx.render()
@@ -495,6 +508,33 @@ impl Ruleset {
     }
 }
 
+/// A claimed element as nft reads it: `key` or `key : verdict`.
+struct ClaimElement<'a>(&'a str, Option<Verdict>);
+
+impl std::fmt::Display for ClaimElement<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.1 {
+            Some(v) => write!(f, "{} : {v}", self.0),
+            None => f.write_str(self.0),
+        }
+    }
+}
+
+/// Of `items` (in Service key order), the last one of each name, sorted by name.
+fn last_of_each_name<'a, T>(items: impl Iterator<Item = &'a T>, name: impl Fn(&T) -> &String) -> Vec<&'a T> {
+    let mut all: Vec<&T> = items.collect();
+    // Stable: of one name, the later Service's stays last.
+    all.sort_by(|a, b| name(a).cmp(name(b)));
+    let mut out: Vec<&T> = Vec::with_capacity(all.len());
+    for item in all {
+        match out.last_mut() {
+            Some(last) if name(last) == name(item) => *last = item,
+            _ => out.push(item),
+        }
+    }
+    out
+}
+
 /// What one [`Ruleset::apply`] touched.
 #[derive(Debug, Default)]
 struct Changed {
@@ -503,13 +543,27 @@ struct Changed {
     /// Each Service rendered again and found different, with its rules before.
     services: BTreeMap<ServiceKey, Option<ServiceRules>>,
     /// Each element some of them claimed before or after, with its winner before.
-    elements: BTreeMap<(GlobalSet, String), Option<Option<Verdict>>>,
+    elements: BTreeMap<(GlobalSet, Arc<str>), Option<Option<Verdict>>>,
     /// Each endpoint map some of them had entries in, and whether it had any before.
     buckets: BTreeMap<EndpointMap, bool>,
     /// Endpoint-map elements that appeared or vanished (an entry both is not here).
-    bucket_elements: BTreeSet<(EndpointMap, String)>,
+    bucket_elements: BTreeSet<(EndpointMap, Arc<str>)>,
     /// The models replaced, in order.
     undo: Vec<(ServiceKey, Option<ServiceModel>)>,
+}
+
+fn use_name(users: &mut HashMap<String, u32>, name: &str) {
+    match users.get_mut(name) {
+        Some(n) => *n += 1,
+        None => {
+            users.insert(name.to_owned(), 1);
+        }
+    }
+}
+
+/// The slot of port `id` of `key`, placed by the update before the render.
+fn slot(slots: &SlotIndex, key: &ServiceKey, id: &super::services::PortId) -> super::slots::Slot {
+    slots.slot_of(key, id).unwrap_or_else(|| unplaced(id))
 }
 
 fn release(users: &mut HashMap<String, u32>, name: &str) {

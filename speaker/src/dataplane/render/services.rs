@@ -7,9 +7,10 @@
 //! placed. Nothing here reads another Service: what two Services share (an element both claim,
 //! an endpoint map) is settled by the caller.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -74,8 +75,22 @@ impl ChainKind {
         }
     }
 
-    fn name(self, hash: &str) -> String {
-        format!("{}-{hash}", self.prefix())
+    /// The name of the chain of this kind for a port of hash `hash` ([`hash64`]).
+    pub fn chain(self, hash: u64) -> ChainName {
+        ChainName { kind: self, hash }
+    }
+}
+
+/// A Service chain's name, `KIND-H` (`H`: 16 hex digits), as a value: written out when rendered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChainName {
+    pub kind: ChainKind,
+    pub hash: u64,
+}
+
+impl fmt::Display for ChainName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{:016x}", self.kind.prefix(), self.hash)
     }
 }
 
@@ -87,10 +102,10 @@ pub struct ServiceChain {
 }
 
 /// Where a verdict-map element sends a packet.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Verdict {
     /// `goto <chain>`
-    Goto(String),
+    Goto(ChainName),
     /// `goto reject-chain`: no endpoints at all.
     Reject,
     Drop,
@@ -111,8 +126,9 @@ impl fmt::Display for Verdict {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Claim {
     pub set: GlobalSet,
-    /// The element's key in nft's syntax (`198.19.0.10 . tcp . 80`).
-    pub key: String,
+    /// The element's key in nft's syntax (`198.19.0.10 . tcp . 80`), shared with the index of
+    /// claims.
+    pub key: Arc<str>,
     pub verdict: Option<Verdict>,
 }
 
@@ -171,24 +187,26 @@ impl PartialOrd for EndpointMap {
 /// Everything one Service puts into the table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceRules {
-    /// By name (a later port's chain of the same name replaces an earlier one's).
-    pub chains: BTreeMap<String, ServiceChain>,
-    /// Session-affinity sets, by name.
-    pub affinity_sets: BTreeMap<String, nft::Set>,
+    /// Sorted by name, one of each name (a later port's chain of the same name replaces an
+    /// earlier one's).
+    pub chains: Vec<ServiceChain>,
+    /// Session-affinity sets, sorted by name, one of each name.
+    pub affinity_sets: Vec<nft::Set>,
     /// In the order the Service claims them (its first claim of a key is its claim).
     pub claims: Vec<Claim>,
-    /// Endpoint maps its chains read.
-    pub endpoint_maps: BTreeSet<EndpointMap>,
-    /// Its elements of endpoint maps (`key : address [. port]`).
-    pub entries: Vec<(EndpointMap, String)>,
+    /// Endpoint maps its chains read, sorted, each once.
+    pub endpoint_maps: Vec<EndpointMap>,
+    /// Its elements of endpoint maps (`key : address [. port]`), shared with the index of
+    /// endpoint-map elements.
+    pub entries: Vec<(EndpointMap, Arc<str>)>,
 }
 
 /// One port, decided: the endpoints it sends to, the chains it needs.
 #[derive(Debug)]
 struct PortPlan<'m> {
     id: PortId,
-    /// [`hash16`] of the id: its chains' names.
-    hash: String,
+    /// [`hash64`] of the id: its chains' names.
+    hash: u64,
     port: &'m PortModel,
     /// Endpoints under the `Cluster` policy.
     all: Vec<&'m Endpoint>,
@@ -232,7 +250,7 @@ impl<'m> ServicePlan<'m> {
             .into_iter()
             .map(|port| {
                 let id = PortId { service: key.clone(), port: port.name.clone(), proto: port.proto };
-                let hash = hash16(&id.to_string());
+                let hash = hash64(&id.to_string());
                 let all = port.cluster_endpoints(family);
                 let local = port.local_endpoints(family, &ctx.node);
                 let has_outside = !outside_ips.is_empty() || (full && port.node_port.is_some());
@@ -272,45 +290,50 @@ impl<'m> ServicePlan<'m> {
         if FAULT_REJECT_SERVICE.as_ref() == Some(self.key) {
             let key = self.key.to_string();
             let chain = nft::Chain {
-                name: ChainKind::Fault.name(&hash16(&key)),
+                name: ChainKind::Fault.chain(hash64(&key)).to_string(),
                 base: None,
                 comment: Some(service_comment(&key, FAULT_REJECT_SERVICE_ENV)),
                 rules: vec![FAULT_RULE.to_owned()],
             };
-            out.chains.insert(chain.name.clone(), ServiceChain { kind: ChainKind::Fault, chain });
+            put_chain(&mut out.chains, ServiceChain { kind: ChainKind::Fault, chain });
         }
-        let mut claim = |set: GlobalSet, key: String, verdict: Option<Verdict>| {
+        let mut claim = |set: GlobalSet, key: Arc<str>, verdict: Option<Verdict>| {
             out.claims.push(Claim { set, key, verdict });
         };
+        // Where keys are written before they are shared.
+        let mut buf = String::new();
         for p in &self.ports {
-            let (h, proto, port) = (&p.hash, p.port.proto, p.port.port);
+            let (h, proto, port) = (p.hash, p.port.proto, p.port.port);
             let (svc_chain, local_chain, ext_chain) =
-                (ChainKind::Svc.name(h), ChainKind::Local.name(h), ChainKind::Ext.name(h));
+                (ChainKind::Svc.chain(h), ChainKind::Local.chain(h), ChainKind::Ext.chain(h));
             let (all, local) = (&p.all, &p.local);
 
             // Map elements.
             for ip in &self.cluster_ips {
-                claim(GlobalSet::ClusterIps, ip.to_string(), None);
-                let k = format!("{ip} . {proto} . {port}");
+                claim(GlobalSet::ClusterIps, shared(&mut buf, format_args!("{ip}")), None);
+                let k = shared(&mut buf, format_args!("{ip} . {proto} . {port}"));
                 let (internal, target) = if svc.internal_local { (local, &local_chain) } else { (all, &svc_chain) };
                 if !internal.is_empty() {
-                    claim(GlobalSet::ServiceIps, k, Some(Verdict::Goto(target.clone())));
+                    claim(GlobalSet::ServiceIps, k, Some(Verdict::Goto(*target)));
                 } else if !all.is_empty() {
                     claim(GlobalSet::NoEndpointServices, k, Some(Verdict::Drop));
                 } else {
                     claim(GlobalSet::NoEndpointServices, k, Some(Verdict::Reject));
                 }
             }
-            let mut outside_keys: Vec<(GlobalSet, GlobalSet, String)> = self
+            let mut outside_keys: Vec<(GlobalSet, GlobalSet, Arc<str>)> = self
                 .outside_ips
                 .iter()
-                .map(|ip| (GlobalSet::ServiceIps, GlobalSet::NoEndpointServices, format!("{ip} . {proto} . {port}")))
+                .map(|ip| {
+                    let k = shared(&mut buf, format_args!("{ip} . {proto} . {port}"));
+                    (GlobalSet::ServiceIps, GlobalSet::NoEndpointServices, k)
+                })
                 .collect();
             if let Some(np) = p.port.node_port.filter(|_| ctx.full()) {
                 outside_keys.push((
                     GlobalSet::ServiceNodeports,
                     GlobalSet::NoEndpointNodeports,
-                    format!("{proto} . {np}"),
+                    shared(&mut buf, format_args!("{proto} . {np}")),
                 ));
             }
             for (dispatch, no_endpoints, k) in outside_keys {
@@ -318,23 +341,23 @@ impl<'m> ServicePlan<'m> {
                     claim(no_endpoints, k, Some(Verdict::Reject));
                     continue;
                 }
-                claim(dispatch, k.clone(), Some(Verdict::Goto(ext_chain.clone())));
+                claim(dispatch, k.clone(), Some(Verdict::Goto(ext_chain)));
                 if svc.external_local && local.is_empty() {
                     // Whatever the ext chain did not short-circuit is dropped after DNAT would
                     // have happened: the node has nothing for it.
                     claim(no_endpoints, k, Some(Verdict::Drop));
                 }
             }
-            let fw_chain = ChainKind::Fw.name(h);
+            let fw_chain = ChainKind::Fw.chain(h);
             if svc.firewalled() {
                 for ip in &self.lb_ips {
-                    let k = format!("{ip} . {proto} . {port}");
-                    claim(GlobalSet::FirewallIps, k, Some(Verdict::Goto(fw_chain.clone())));
+                    let k = shared(&mut buf, format_args!("{ip} . {proto} . {port}"));
+                    claim(GlobalSet::FirewallIps, k, Some(Verdict::Goto(fw_chain)));
                 }
             }
             // Only a pod on this node can reach itself through this node's rules.
             for e in p.endpoints.iter().filter(|e| e.node.is_none() || e.is_on(&ctx.node)) {
-                claim(GlobalSet::Hairpin, format!("{} . {}", e.ip, e.ip), None);
+                claim(GlobalSet::Hairpin, shared(&mut buf, format_args!("{} . {}", e.ip, e.ip)), None);
             }
 
             let slot = p.slot.as_ref().map(|request| slot_of(&p.id, request));
@@ -346,13 +369,15 @@ impl<'m> ServicePlan<'m> {
                         out.entries.push((
                             slot.map,
                             match slot.port {
-                                Some(_) => format!("{key} : {}", e.ip),
-                                None => format!("{key} : {} . {}", e.ip, e.port),
+                                Some(_) => shared(&mut buf, format_args!("{key} : {}", e.ip)),
+                                None => shared(&mut buf, format_args!("{key} : {} . {}", e.ip, e.port)),
                             },
                         ));
                     }
                 }
-                out.endpoint_maps.insert(slot.map);
+                if let Err(i) = out.endpoint_maps.binary_search(&slot.map) {
+                    out.endpoint_maps.insert(i, slot.map);
+                }
             }
 
             let id = p.id.to_string();
@@ -364,23 +389,24 @@ impl<'m> ServicePlan<'m> {
                         timeout: Some(timeout),
                         ..nft::Set::new(affinity_set(&id, e, timeout), Type::Of(vec![table.addr_type()]))
                     };
-                    out.affinity_sets.insert(set.name.clone(), set);
+                    match out.affinity_sets.binary_search_by(|s| s.name.cmp(&set.name)) {
+                        Ok(i) => out.affinity_sets[i] = set,
+                        Err(i) => out.affinity_sets.insert(i, set),
+                    }
                 }
             }
-            let mut add_chain = |kind: ChainKind, name: String, what: &str, rules: Vec<String>| {
+            let mut add_chain = |name: ChainName, what: &str, rules: Vec<String>| {
                 let comment = Some(service_comment(&id, what));
-                out.chains.insert(
-                    name.clone(),
-                    ServiceChain { kind, chain: nft::Chain { name, base: None, comment, rules } },
-                );
+                let chain = nft::Chain { name: name.to_string(), base: None, comment, rules };
+                put_chain(&mut out.chains, ServiceChain { kind: name.kind, chain });
             };
             if p.svc_used {
                 let rules = dispatch(&id, p.port, all, 0, slot.as_ref(), svc.affinity_timeout, table);
-                add_chain(ChainKind::Svc, svc_chain.clone(), "all endpoints", rules);
+                add_chain(svc_chain, "all endpoints", rules);
             }
             if p.local_used {
                 let rules = dispatch(&id, p.port, local, all.len(), slot.as_ref(), svc.affinity_timeout, table);
-                add_chain(ChainKind::Local, local_chain.clone(), "local endpoints", rules);
+                add_chain(local_chain, "local endpoints", rules);
             }
             if p.has_outside && !all.is_empty() {
                 let pod_cidrs = GlobalSet::PodCidrs.name();
@@ -402,7 +428,7 @@ impl<'m> ServicePlan<'m> {
                         format!("goto {svc_chain}"),
                     ]
                 };
-                add_chain(ChainKind::Ext, ext_chain, "external traffic", rules);
+                add_chain(ext_chain, "external traffic", rules);
             }
             if svc.firewalled() && !self.lb_ips.is_empty() {
                 let ranges = svc.source_ranges_of(ctx.family);
@@ -422,7 +448,7 @@ impl<'m> ServicePlan<'m> {
                     let set = set.join(", ");
                     format!("{a} saddr != {{ {set} }} drop comment \"loadBalancerSourceRanges\"")
                 };
-                add_chain(ChainKind::Fw, fw_chain, "source ranges", vec![rule]);
+                add_chain(fw_chain, "source ranges", vec![rule]);
             }
         }
         out
@@ -433,8 +459,31 @@ impl ServiceRules {
     /// Whether the Service's rules read this node's addresses (a loadBalancerSourceRanges chain
     /// does): they must be rendered again when those change.
     pub fn reads_node_ips(&self) -> bool {
-        self.chains.values().any(|c| c.kind == ChainKind::Fw)
+        self.chains.iter().any(|c| c.kind == ChainKind::Fw)
     }
+}
+
+/// Puts `chain` into `chains` (sorted by name), replacing one of the same name.
+fn put_chain(chains: &mut Vec<ServiceChain>, chain: ServiceChain) {
+    match chains.binary_search_by(|c| c.chain.name.cmp(&chain.chain.name)) {
+        Ok(i) => chains[i] = chain,
+        Err(i) => chains.insert(i, chain),
+    }
+}
+
+/// The first 8 bytes of `sha256(input)`, big-endian: [`hash16`] as a number.
+pub fn hash64(input: &str) -> u64 {
+    let digest = Sha256::digest(input.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// `args` written out as a shared string (`buf` is scratch space: one allocation, the string's).
+fn shared(buf: &mut String, args: fmt::Arguments<'_>) -> Arc<str> {
+    buf.clear();
+    let _ = buf.write_fmt(args);
+    Arc::from(buf.as_str())
 }
 
 /// The first 16 hex digits of `sha256(input)`.

@@ -10,7 +10,8 @@
 //! then at the next of its hash candidates that fits. So a port's base depends on the earlier
 //! ports of its own map only.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -108,9 +109,9 @@ pub fn fits(taken: &BTreeMap<u32, u64>, base: u32, size: u64) -> bool {
     end <= 1 << 32 && before_ends <= u64::from(base) && after_starts >= end
 }
 
-/// A port's place in the order of placement: its Service, then its rank among the Service's
-/// ports that need a slot.
-type Order = (ServiceKey, usize);
+/// A port's place in the order of placement: its Service (one allocation shared by its ports),
+/// then its rank among the Service's ports that need a slot.
+type Order = (Arc<ServiceKey>, usize);
 
 /// The placement of every port, kept from one sync to the next and updated for the Services
 /// that change: the same slots [`Slots`] gives in one pass over the whole model.
@@ -122,7 +123,7 @@ type Order = (ServiceKey, usize);
 pub struct SlotIndex {
     maps: HashMap<EndpointMap, MapSlots>,
     /// Per Service: its ports with a slot, in order.
-    services: HashMap<ServiceKey, Vec<Placed>>,
+    services: HashMap<Arc<ServiceKey>, Vec<Placed>>,
 }
 
 #[derive(Debug)]
@@ -130,6 +131,8 @@ struct Placed {
     id: PortId,
     map: EndpointMap,
     one_port: Option<u16>,
+    /// The base its map's [`PortSlot`] has (kept here too: reading a slot needs no key).
+    base: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -156,10 +159,14 @@ impl SlotIndex {
         let mut mark = |map: EndpointMap, order: &Order| {
             dirty.entry(map).and_modify(|o| *o = o.clone().min(order.clone())).or_insert_with(|| order.clone());
         };
-        let changed: BTreeSet<ServiceKey> = changes.iter().map(|(k, _)| k.clone()).collect();
+        let changed: HashSet<ServiceKey> = changes.iter().map(|(k, _)| k.clone()).collect();
         for (key, requests) in changes {
-            for (i, old) in self.services.remove(&key).into_iter().flatten().enumerate() {
-                let order = (key.clone(), i);
+            let (key, old) = match self.services.remove_entry(&key) {
+                Some((shared, old)) => (shared, old),
+                None => (Arc::new(key), Vec::new()),
+            };
+            for (i, old) in old.into_iter().enumerate() {
+                let order = (Arc::clone(&key), i);
                 if let Some(m) = self.maps.get_mut(&old.map)
                     && let Some(base) = m.ports.remove(&order).and_then(|p| p.base)
                 {
@@ -175,7 +182,7 @@ impl SlotIndex {
                 }
                 let candidates = Candidates::of(&id, &request);
                 let map = candidates.map;
-                let order = (key.clone(), placed.len());
+                let order = (Arc::clone(&key), placed.len());
                 let size = request.size.max(1) as u64;
                 self.maps
                     .entry(map)
@@ -183,7 +190,7 @@ impl SlotIndex {
                     .ports
                     .insert(order.clone(), PortSlot { candidates, size, base: None });
                 mark(map, &order);
-                placed.push(Placed { id, map, one_port: request.one_port });
+                placed.push(Placed { id, map, one_port: request.one_port, base: None });
             }
             if !placed.is_empty() {
                 self.services.insert(key, placed);
@@ -202,10 +209,13 @@ impl SlotIndex {
                 let Some(p) = m.ports.get_mut(&o) else { continue };
                 let base = (0u32..).map(|a| p.candidates.base(a)).find(|b| fits(&m.taken, *b, p.size)).unwrap_or(0);
                 m.taken.insert(base, u64::from(base) + p.size);
-                if p.base.is_some_and(|b| b != base) && !changed.contains(&o.0) {
-                    moved.insert(o.0.clone());
+                if p.base.is_some_and(|b| b != base) && !changed.contains(&*o.0) {
+                    moved.insert((*o.0).clone());
                 }
                 p.base = Some(base);
+                if let Some(placed) = self.services.get_mut(&o.0).and_then(|ports| ports.get_mut(o.1)) {
+                    placed.base = Some(base);
+                }
             }
             if m.ports.is_empty() {
                 self.maps.remove(&map);
@@ -216,11 +226,8 @@ impl SlotIndex {
 
     /// The slot of port `id` of `service` (placed by the last [`SlotIndex::update`]).
     pub fn slot_of(&self, service: &ServiceKey, id: &PortId) -> Option<Slot> {
-        let placed = self.services.get(service)?;
-        let i = placed.iter().position(|p| p.id == *id)?;
-        let p = &placed[i];
-        let base = self.maps.get(&p.map)?.ports.get(&(service.clone(), i))?.base?;
-        Some(Slot { map: p.map, base, port: p.one_port })
+        let p = self.services.get(service)?.iter().find(|p| p.id == *id)?;
+        Some(Slot { map: p.map, base: p.base?, port: p.one_port })
     }
 }
 
