@@ -50,8 +50,11 @@ use crate::service::ClassPolicy;
 const EVENT_BACKLOG: usize = 4096;
 /// Events published at once.
 const EVENT_CONCURRENCY: usize = 8;
-/// Status and annotation writes in flight at once.
-const WRITE_CONCURRENCY: usize = 32;
+/// Status writes in flight at once.
+const STATUS_CONCURRENCY: usize = 32;
+/// Annotation writes in flight at once: apart from the statuses, so a status never queues
+/// behind annotations.
+const ANNOTATION_CONCURRENCY: usize = 8;
 
 /// How the controller runs (from flags).
 #[derive(Clone, Debug)]
@@ -331,7 +334,8 @@ async fn reconcile_loop(
     report: tokio::sync::watch::Sender<Option<PoolReport>>,
 ) {
     let mut rec = Reconciler::new(s.class.clone());
-    let permits = Arc::new(Semaphore::new(WRITE_CONCURRENCY));
+    let status_permits = Arc::new(Semaphore::new(STATUS_CONCURRENCY));
+    let annotation_permits = Arc::new(Semaphore::new(ANNOTATION_CONCURRENCY));
     let mut writing = FuturesUnordered::new();
     let mut sent: HashMap<WriteKey, Sent> = HashMap::new();
     let mut held_back: HashSet<ServiceKey> = HashSet::new();
@@ -380,7 +384,8 @@ async fn reconcile_loop(
                 }
                 sent.insert(wk.clone(), Sent { action: action.clone(), version, in_flight: true });
                 n_writes += 1;
-                let (applier, permits) = (Arc::clone(applier), Arc::clone(&permits));
+                let permits = Arc::clone(if wk.1 { &status_permits } else { &annotation_permits });
+                let applier = Arc::clone(applier);
                 writing.push(async move {
                     let _permit = permits.acquire_owned().await;
                     let start = Instant::now();
