@@ -6,7 +6,7 @@ export FERROLB_K8S_BIN_DIR ?=
 
 DEB_PACKAGES := nftables iproute2 iputils-arping ndisc6 tcpdump curl openssl procps ca-certificates util-linux python3 conntrack
 
-.PHONY: all deps k8s-bins build lab lab-down test lint fmt fuzz churn bench-controller bench-speaker bench-dataplane bench-membership manifests
+.PHONY: all deps k8s-bins build lab lab-down test lint fmt fuzz churn bench-controller bench-speaker bench-dataplane bench-membership bench-drills manifests
 
 all: build
 
@@ -55,6 +55,10 @@ test: deps k8s-bins lint build
 bench-controller: deps k8s-bins
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p ferrolb-e2e --bench controller
+
+## bench-drills: crash drills 5 times per stream (Cluster/Local x IPv4/IPv6) on a fresh lab with the demo: longest gaps, median, failed (RUNS=N).
+bench-drills: deps k8s-bins build
+	bash hack/crash-drills.sh
 
 ## manifests: render deploy/manifests/ferrolb.yaml from the chart (the chart test checks it).
 manifests: k8s-bins
