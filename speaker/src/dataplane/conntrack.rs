@@ -73,7 +73,8 @@ pub struct Targets {
 /// endpoint still answers, whatever the policies say about new flows).
 pub fn targets(model: &Model) -> Targets {
     let mut t = Targets { node_ips: model.nodeport_ips().into_iter().collect(), ..Default::default() };
-    for svc in model.services.values() {
+    // Most Services have no UDP port: they cost a look at their ports, nothing more.
+    for svc in model.services.values().filter(|s| s.ports.iter().any(|p| p.proto == Protocol::Udp)) {
         let addresses: Vec<IpAddr> = svc
             .cluster_ips
             .iter()

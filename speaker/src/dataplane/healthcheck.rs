@@ -11,7 +11,7 @@
 //! traffic only to nodes that can serve it locally. [`wanted`] decides what to serve (pure);
 //! [`HealthServers`] opens and closes the listeners.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,22 +40,24 @@ pub struct HealthCheck {
 pub fn wanted(models: &[&Model]) -> BTreeMap<u16, HealthCheck> {
     let mut out: BTreeMap<u16, HealthCheck> = BTreeMap::new();
     // Per service, the local ready addresses of each family: a dual-stack pod has one of each,
-    // so the count is the larger family's, not the sum.
-    let mut local: BTreeMap<&ServiceKey, BTreeMap<bool, BTreeSet<IpAddr>>> = BTreeMap::new();
+    // so the count is the larger family's, not the sum (a model is one family).
+    let mut ips: Vec<IpAddr> = Vec::new();
     for m in models {
         for (key, svc) in &m.services {
             let Some(port) = svc.health_check_node_port else { continue };
-            let families = local.entry(key).or_default();
+            ips.clear();
             for p in &svc.ports {
-                for e in p.local_endpoints(m.family, &m.node).iter().filter(|e| e.ready) {
-                    families.entry(e.ip.is_ipv4()).or_default().insert(e.ip);
+                ips.extend(p.local_endpoints(m.family, &m.node).iter().filter(|e| e.ready).map(|e| e.ip));
+            }
+            ips.sort_unstable();
+            ips.dedup();
+            match out.get_mut(&port) {
+                Some(h) if h.service != *key => {}
+                Some(h) => h.local_endpoints = h.local_endpoints.max(ips.len()),
+                None => {
+                    out.insert(port, HealthCheck { service: key.clone(), port, local_endpoints: ips.len() });
                 }
             }
-            if out.get(&port).is_some_and(|h| h.service != *key) {
-                continue;
-            }
-            let count = families.values().map(BTreeSet::len).max().unwrap_or(0);
-            out.insert(port, HealthCheck { service: key.clone(), port, local_endpoints: count });
         }
     }
     out

@@ -271,6 +271,11 @@ impl PortModel {
         usable(self.endpoints.iter().filter(|e| Family::of(&e.ip) == family))
     }
 
+    /// Whether [`PortModel::local_endpoints`] would give any, without collecting them.
+    pub fn has_local_endpoints(&self, family: Family, node: &str) -> bool {
+        self.endpoints.iter().any(|e| Family::of(&e.ip) == family && e.is_on(node) && (e.ready || e.is_fallback()))
+    }
+
     /// Endpoints for traffic under a `Local` policy on `node`: the same rule applied to the
     /// endpoints on `node` only (a ready remote endpoint does not hide a terminating local one).
     pub fn local_endpoints(&self, family: Family, node: &str) -> Vec<&Endpoint> {

@@ -97,6 +97,9 @@ pub async fn run(
     metrics: Arc<DataplaneMetrics>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // As kube-proxy, trigger times from before the start are not ours to measure (the first
+    // list reports no change; a slice written just before the start would count the wait).
+    let started = SystemTime::now();
     let (services, slices, nodes) = (&cluster.services, &cluster.slices, &cluster.nodes);
     let changed = cluster.dataplane.clone();
     let mut shutdown = pin!(shutdown);
@@ -142,7 +145,8 @@ pub async fn run(
                 }
             }
             let mut warnings = tracker.warnings();
-            let seen: Vec<SystemTime> = update.slices.iter().filter_map(|s| trigger_time(s)).collect();
+            let seen: Vec<SystemTime> =
+                update.slices.iter().filter_map(|s| trigger_time(s)).filter(|at| *at > started).collect();
             let result = apply(&mut runner, &settings, &metrics, &tracker, &mut owed).await;
             warnings.extend(rejected_warnings(&runner, &settings.families, &metrics));
             settings.warnings.publish(warnings);
@@ -274,11 +278,7 @@ async fn apply(
 ) -> Result<(), super::runner::Error> {
     for model in tracker.models() {
         let family = model.family;
-        let no_local = model
-            .services
-            .values()
-            .filter(|s| s.external_local && s.ports.iter().all(|p| p.local_endpoints(family, &model.node).is_empty()))
-            .count();
+        let no_local = no_local_endpoints(model);
         let changed = owed.get(&family).cloned().flatten();
         let synced = runner.apply_changes(model, changed.as_ref()).await?;
         owed.remove(&family);
@@ -311,6 +311,17 @@ async fn apply(
         }
     }
     Ok(())
+}
+
+/// How many `externalTrafficPolicy: Local` Services have no local endpoint on this node (a
+/// walk over every Service: about 1 ms at 50,000 Services, see the data plane benchmark).
+pub fn no_local_endpoints(model: &Model) -> usize {
+    let family = model.family;
+    model
+        .services
+        .values()
+        .filter(|s| s.external_local && !s.ports.iter().any(|p| p.has_local_endpoints(family, &model.node)))
+        .count()
 }
 
 /// When a changed EndpointSlice's change was triggered (its last-change-trigger-time).

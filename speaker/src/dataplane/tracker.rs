@@ -42,7 +42,8 @@ pub trait Objects {
 pub struct Update {
     /// The Services that may differ from the last update (`None`: any of them).
     pub changed: Option<BTreeSet<ServiceKey>>,
-    /// The EndpointSlices that changed (not after a new list).
+    /// The EndpointSlices that changed, or appeared, since the last update (after a new list:
+    /// those whose version differs from the one last seen; none at the first list).
     pub slices: Vec<Arc<EndpointSlice>>,
 }
 
@@ -56,8 +57,9 @@ pub struct Tracker {
     owners: Owners,
     /// Service -> the names of its slices (in its namespace).
     slices_of: HashMap<ServiceKey, BTreeSet<String>>,
-    /// Slice (namespace, name) -> the Service it names.
-    owner_of: HashMap<(String, String), ServiceKey>,
+    /// Slice (namespace, name) -> the Service it names, and a hash of its resourceVersion (a
+    /// new list tells what changed while the watch was away by it).
+    owner_of: HashMap<(String, String), (ServiceKey, u64)>,
     /// Per Service, its unreadable-source-range warning.
     range_warnings: BTreeMap<ServiceKey, Vec<Warning>>,
     /// Per family, the externalIP warnings of the last settling.
@@ -125,17 +127,23 @@ impl Tracker {
         dead: &BTreeSet<String>,
     ) -> Update {
         let full = !self.started || services.all || slices.all;
+        let relist = self.started;
         self.started = true;
         let mut dirty: BTreeSet<ServiceKey> = BTreeSet::new();
         let mut changed_slices = Vec::new();
         if full {
             self.slices_of.clear();
-            self.owner_of.clear();
+            let before = std::mem::take(&mut self.owner_of);
             for slice in objects.all_slices() {
                 let (ns, name) = slice_ref(&slice);
                 if let Some(key) = owner(&slice) {
-                    self.slices_of.entry(key.clone()).or_default().insert(name.clone());
-                    self.owner_of.insert((ns, name), key);
+                    let r = (ns, name);
+                    let version = version_of(&slice);
+                    if relist && before.get(&r).is_none_or(|(_, v)| *v != version) {
+                        changed_slices.push(Arc::clone(&slice));
+                    }
+                    self.slices_of.entry(key.clone()).or_default().insert(r.1.clone());
+                    self.owner_of.insert(r, (key, version));
                 }
             }
             dirty.extend(self.models.values().flat_map(|m| m.services.keys().cloned()));
@@ -151,7 +159,7 @@ impl Tracker {
                 let now = objects.slice(&ns, &name);
                 let after = now.as_deref().and_then(owner);
                 let r = (ns, name);
-                let before = self.owner_of.remove(&r);
+                let before = self.owner_of.remove(&r).map(|(key, _)| key);
                 if let Some(before) = before {
                     if let Some(names) = self.slices_of.get_mut(&before) {
                         names.remove(&r.1);
@@ -163,7 +171,8 @@ impl Tracker {
                 }
                 if let Some(after) = after {
                     self.slices_of.entry(after.clone()).or_default().insert(r.1.clone());
-                    self.owner_of.insert(r, after.clone());
+                    let version = now.as_deref().map(version_of).unwrap_or_default();
+                    self.owner_of.insert(r, (after.clone(), version));
                     dirty.insert(after);
                 }
                 changed_slices.extend(now);
@@ -259,6 +268,14 @@ fn slice_ref(slice: &EndpointSlice) -> (String, String) {
     (slice.metadata.namespace.clone().unwrap_or_default(), slice.metadata.name.clone().unwrap_or_default())
 }
 
+/// A hash of an object's resourceVersion (an opaque string: only compared for equality).
+fn version_of(slice: &EndpointSlice) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    slice.metadata.resource_version.hash(&mut h);
+    h.finish()
+}
+
 /// The Service an EndpointSlice belongs to.
 fn owner(slice: &EndpointSlice) -> Option<ServiceKey> {
     let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
@@ -280,6 +297,8 @@ mod tests {
         slices: BTreeMap<(String, String), Arc<EndpointSlice>>,
         service_changes: Changes,
         slice_changes: Changes,
+        /// The last resourceVersion given to a slice.
+        version: u64,
     }
 
     impl Objects for Cluster {
@@ -324,10 +343,12 @@ mod tests {
         }
 
         fn put_slice(&mut self, name: &str, service: &str, endpoints: &[(&str, &str)]) {
+            self.version += 1;
             let slice = EndpointSlice {
                 metadata: ObjectMeta {
                     namespace: Some("default".into()),
                     name: Some(name.into()),
+                    resource_version: Some(self.version.to_string()),
                     labels: Some([(SERVICE_NAME_LABEL.to_owned(), service.to_owned())].into()),
                     ..Default::default()
                 },
@@ -425,5 +446,38 @@ mod tests {
         // A new list: everything.
         c.service_changes.all = true;
         assert_eq!(c.update(&mut t, &none), None);
+    }
+
+    fn names(slices: &[Arc<EndpointSlice>]) -> Vec<&str> {
+        slices.iter().filter_map(|s| s.metadata.name.as_deref()).collect()
+    }
+
+    /// The slices reported as changed (whose trigger times make the programming latency): the
+    /// changed ones, and after a new list those whose version moved while the watch was away;
+    /// none at the first list, which is no change.
+    #[test]
+    fn a_new_list_reports_the_slices_that_changed_meanwhile() {
+        let mut c = Cluster::default();
+        c.put_service("web", "198.19.0.10", &[], 1);
+        c.put_service("api", "198.19.0.11", &[], 2);
+        c.put_slice("web-1", "web", &[("198.18.1.2", "node-1")]);
+        c.put_slice("api-1", "api", &[("198.18.1.3", "node-1")]);
+        let mut t = Tracker::new(Cluster::settings(), &[Family::V4]);
+        let cidrs = BTreeMap::new();
+        let none = BTreeSet::new();
+        let mut update = |c: &mut Cluster| {
+            let (services, slices) = (std::mem::take(&mut c.service_changes), std::mem::take(&mut c.slice_changes));
+            t.update(c, services, slices, None, &cidrs, &none).slices
+        };
+        assert!(update(&mut c).is_empty(), "the first list");
+        c.put_slice("web-1", "web", &[("198.18.1.4", "node-1")]);
+        assert_eq!(names(&update(&mut c)), ["web-1"]);
+        // Changed while the watch was away, then listed again.
+        c.put_slice("api-1", "api", &[("198.18.1.5", "node-1")]);
+        c.put_slice("api-2", "api", &[("198.18.1.6", "node-1")]);
+        c.slice_changes = Changes { all: true, ..Changes::default() };
+        assert_eq!(names(&update(&mut c)), ["api-1", "api-2"]);
+        c.slice_changes.all = true;
+        assert!(update(&mut c).is_empty(), "listed again, nothing changed");
     }
 }
