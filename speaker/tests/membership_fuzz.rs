@@ -1,12 +1,15 @@
 //! Fuzz of the membership's receive path (issue 12, §4): what arrives on UDP 7946 goes through
-//! `wire::Gate::admit` (size, seal, freshness, replay, foca header, identity) and, when
-//! admitted, into a real `Foca::handle_data`. Inputs, from one seeded generator:
+//! `wire::Gate::admit` (size, seal, freshness, replay, foca header, identity), then, as in the
+//! speaker, `copies::FirstCopy` (every packet is sent twice; only the first copy reaches foca)
+//! and, when admitted and first, into a real `Foca::handle_data`. Inputs, from one seeded
+//! generator:
 //!
 //! ```text
 //!   random bytes ─────────────────────────────> secure gate
-//!   real foca packets, mutated ──> sealed ────> secure gate ──> foca
-//!                               └─ bare ──────> insecure gate ──> foca, and foca directly
+//!   real foca packets, mutated ──> sealed ────> secure gate ──> first copy? ──> foca
+//!                               └─ bare ──────> insecure gate ──> first copy? ──> foca, and foca directly
 //!   sealed real packets, mutated after sealing > secure gate
+//!   the last admitted payload sealed again (its second copy) > secure gate ──> dropped as a copy
 //! ```
 //!
 //! No input may panic, and none may make the path allocate much: the most memory held at once
@@ -30,7 +33,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ferrolb_speaker::membership::wire::{Gate, NodeAddrs, Sealer};
-use ferrolb_speaker::membership::{Member, tuned_config};
+use ferrolb_speaker::membership::{Member, copies::FirstCopy, tuned_config};
 use foca::{AccumulatingRuntime, Codec, Foca, Header, Message, PostcardCodec};
 use rand::rngs::StdRng;
 use rand::{Rng, RngExt, SeedableRng};
@@ -169,6 +172,8 @@ fn mutate(rng: &mut StdRng, p: &[u8], other: &[u8]) -> Vec<u8> {
 #[derive(Default, Debug)]
 struct Tally {
     admitted: u64,
+    /// Admitted, but a later copy of a payload foca already had.
+    copies: u64,
     rejected: BTreeMap<&'static str, u64>,
     foca_ok: u64,
     foca_err: u64,
@@ -196,6 +201,9 @@ fn the_membership_decoder_survives_anything() {
         )
     };
     let mut foca = fresh_foca(&mut rng);
+    let mut first_copy = FirstCopy::default();
+    // The last payload admitted and who sent it: its second copy is a later input.
+    let mut last: Option<(SocketAddr, Vec<u8>)> = None;
     let mut secure = Gate::new(Some(SECRET), local);
     let mut insecure = Gate::new(None, local);
     let mut sealer = Sealer::new(SECRET, rng.next_u64());
@@ -207,11 +215,16 @@ fn the_membership_decoder_survives_anything() {
     for case in 0..cases {
         if case % FRESH_EVERY == 0 && case > 0 {
             foca = fresh_foca(&mut rng);
+            first_copy = FirstCopy::default();
+            last = None;
             secure = Gate::new(Some(SECRET), local);
             now = now_ms();
         }
-        let kind = rng.random_range(0..4u8);
-        let from = senders[rng.random_range(0..senders.len())];
+        let kind = rng.random_range(0..5u8);
+        let mut from = senders[rng.random_range(0..senders.len())];
+        // The receiver's monotonic clock, in milliseconds: 50 inputs a millisecond, so payloads
+        // are forgotten as they are in the speaker.
+        let clock_ms = case / 50;
         let base = &corpus[rng.random_range(0..corpus.len())];
         let other = &corpus[rng.random_range(0..corpus.len())];
         let input: Vec<u8> = match kind {
@@ -220,10 +233,17 @@ fn the_membership_decoder_survives_anything() {
                 (0..n).map(|_| rng.random()).collect()
             }
             1 | 2 => mutate(&mut rng, base, other),
-            _ => {
+            3 => {
                 let sealed = sealer.seal(now, local, base);
                 mutate(&mut rng, &sealed, other)
             }
+            _ => match &last {
+                Some((sender, payload)) => {
+                    from = *sender;
+                    sealer.seal(now, local, payload)
+                }
+                None => (0..rng.random_range(0..1600)).map(|_| rng.random()).collect(),
+            },
         };
         let sealed_input;
         let packet: &[u8] = if kind == 1 {
@@ -239,11 +259,12 @@ fn the_membership_decoder_survives_anything() {
             let gate = if kind == 2 { &mut insecure } else { &mut secure };
             let admitted = gate.admit(now, from, packet, Some(&nodes)).map(<[u8]>::to_vec);
             let direct = if kind == 2 { Some(foca.handle_data(packet, &mut rt).is_ok()) } else { None };
-            let fed = admitted.as_ref().ok().map(|p| foca.handle_data(p, &mut rt).is_ok());
+            let first = admitted.as_ref().ok().filter(|p| first_copy.first(clock_ms, p));
+            let fed = first.map(|p| foca.handle_data(p, &mut rt).is_ok());
             while rt.to_send().is_some() {}
             while rt.to_schedule().is_some() {}
             while rt.to_notify().is_some() {}
-            (admitted.map(drop), direct, fed)
+            (admitted, direct, fed)
         }));
         let peak = PEAK.load(Ordering::Relaxed).saturating_sub(before);
         let (admitted, direct, fed) = match outcome {
@@ -259,7 +280,19 @@ fn the_membership_decoder_survives_anything() {
         );
         tally.peak = tally.peak.max(peak);
         match admitted {
-            Ok(()) => tally.admitted += 1,
+            Ok(payload) => {
+                tally.admitted += 1;
+                // A second copy of a payload admitted a moment ago never reaches foca.
+                assert!(
+                    kind != 4 || fed.is_none(),
+                    "case {case} (seed {seed}): a second copy reached foca, input {packet:02x?}"
+                );
+                if fed.is_none() {
+                    tally.copies += 1;
+                } else if kind != 2 {
+                    last = Some((from, payload));
+                }
+            }
             Err(r) => *tally.rejected.entry(r.label()).or_default() += 1,
         }
         for ok in [direct, fed].into_iter().flatten() {
@@ -268,10 +301,11 @@ fn the_membership_decoder_survives_anything() {
     }
     let took = started.elapsed();
     println!(
-        "membership fuzz: {cases} inputs (seed {seed}) in {:.1} s ({:.0}/s); admitted {}, rejected {:?}; foca accepted {}, refused {}; most held at once by one input: {} bytes",
+        "membership fuzz: {cases} inputs (seed {seed}) in {:.1} s ({:.0}/s); admitted {} ({} of them later copies, kept from foca), rejected {:?}; foca accepted {}, refused {}; most held at once by one input: {} bytes",
         took.as_secs_f64(),
         cases as f64 / took.as_secs_f64().max(1e-9),
         tally.admitted,
+        tally.copies,
         tally.rejected,
         tally.foca_ok,
         tally.foca_err,
@@ -279,6 +313,7 @@ fn the_membership_decoder_survives_anything() {
     );
     // The generator reaches every part of the path.
     assert!(tally.admitted > 0, "nothing was admitted: the generator misses foca");
+    assert!(tally.copies > 0, "no second copy was admitted: the generator misses FirstCopy");
     for reason in ["malformed", "bad_tag", "identity"] {
         assert!(tally.rejected.get(reason).copied().unwrap_or(0) > 0, "no input was {reason}: {:?}", tally.rejected);
     }
