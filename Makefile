@@ -74,7 +74,7 @@ bench-dataplane: deps k8s-bins
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p ferrolb-e2e --bench dataplane
 
-## bench-membership: the membership simulated in virtual time, 3 and 1,000 members at 0 % and 1 % loss: detection p50/p99, false alarms per hour, bytes/s per node (FERROLB_SIM_SIZES=3,1000,5000 for 5,000, slow; FERROLB_SIM_SCALE; no lab, no root).
+## bench-membership: the membership simulated in virtual time, 3 and 1,000 members at 0 % and 1 % loss: detection p50/p99, false alarms per hour, bytes/s per node (FERROLB_SIM_SIZES=3,1000,5000 for 5,000: foca's linear member search makes settling 5,000 take about an hour here, see speaker/benches/membership.rs; FERROLB_SIM_SCALE=5 for 10 simulated minutes of 1,000; no lab, no root).
 bench-membership:
 	$(CARGO) bench -p ferrolb-speaker --bench membership
 

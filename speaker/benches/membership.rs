@@ -25,12 +25,26 @@
 //!   from the simulated time where that is shorter);
 //! - bytes and packets sent per second per node, mean and max.
 //!
-//! Environment: `FERROLB_SIM_SIZES` (default `3,1000`; 5,000 is opt-in: foca finds members by
-//! a linear search, and a 5,000 run did not finish in 17 minutes on a loaded 2-core machine),
+//! Cost, and why 5,000 is opt-in: foca 2 keeps its members in a `Vec` and finds one by a linear
+//! search on its address (`Members::apply`, on every update and on the sender of every packet).
+//! So a member of `n` costs `O(n)` per packet, the cluster `O(n²)` per simulated second, and
+//! settling (`n` members each learning `n - 1` others, one search each) `O(n³)`. A profile
+//! (`perf`, 5,000 members) puts 92 % of the time in `Members::apply` while settling; at 1,000
+//! members, mostly in steady state, 57 %. Measured on the loaded 2-core machine (load 7–11): 2,000
+//! members settle in ~55 s and then run ~0.4 simulated s per wall s; 5,000 members settle at
+//! ~0.65 s per member (a thread per scenario: about an hour before the first simulated second;
+//! the dearer per member because a member's list, 360 kB, no longer stays in cache) and would
+//! then run at least (5,000 / 2,000)² = 6 times slower than 2,000. Joining from a few seeds instead (gossip
+//! filling each member in) does the same `n²` insertions per member, plus feeds. A real speaker
+//! pays the same search once per packet: tens of microseconds at 5,000, which is fine; it is
+//! simulating 5,000 of them on one machine that is not.
+//!
+//! Environment: `FERROLB_SIM_SIZES` (default `3,1000`; `3,1000,5000` for 5,000, see above),
 //! `FERROLB_SIM_SCALE` (simulated time × this; default 1: an hour for 3, 2 minutes for 1,000,
-//! which take about 2 minutes of a loaded 2-core machine; 30 s for more),
-//! `FERROLB_SIM_SEED`, `FERROLB_SIM_THREADS` (default 2); for exploring timers,
-//! `FERROLB_SIM_PROBE_MS`, `FERROLB_SIM_RTT_MS`, `FERROLB_SIM_SUSPECT_MS` override
+//! which take about 2 minutes of a loaded 2-core machine; 30 s for more; 5 gives 1,000 members
+//! 10 minutes), `FERROLB_SIM_SEED`, `FERROLB_SIM_THREADS` (default 2), `FERROLB_SIM_PROGRESS`
+//! (set: print settling and every 5 simulated seconds, with the wall time); for exploring
+//! timers, `FERROLB_SIM_PROBE_MS`, `FERROLB_SIM_RTT_MS`, `FERROLB_SIM_SUSPECT_MS` override
 //! `tuned_config`'s.
 
 use std::cmp::Ordering;
@@ -196,14 +210,19 @@ fn ns(d: Duration) -> u64 {
 fn settled(sc: &Scenario, config: &Config, threads: usize) -> Vec<(Node, Timers)> {
     let ids: Vec<Member> = (0..sc.members).map(|i| identity(i, 1)).collect();
     let chunk = sc.members.div_ceil(threads.max(1));
+    let started = Instant::now();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..sc.members)
             .step_by(chunk.max(1))
             .map(|from| {
                 let ids = &ids;
+                let started = &started;
                 s.spawn(move || {
                     (from..(from + chunk).min(ids.len()))
                         .map(|i| {
+                            if std::env::var_os("FERROLB_SIM_PROGRESS").is_some() && i % 250 == 0 {
+                                eprintln!("    settling member {i} at {:.1?}", started.elapsed());
+                            }
                             let rng = StdRng::seed_from_u64(sc.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                             let mut foca = Foca::new(ids[i].clone(), config.clone(), rng, PostcardCodec);
                             let mut rt = AccumulatingRuntime::new();
@@ -288,11 +307,24 @@ impl Sim {
     fn run(mut self) -> Report {
         let started = Instant::now();
         let end = self.sc.secs * SEC;
+        let progress = std::env::var_os("FERROLB_SIM_PROGRESS").is_some();
+        let mut next_report = 0;
         while let Some(ev) = self.queue.pop() {
             if ev.at > end {
                 break;
             }
             self.now = ev.at;
+            if progress && self.now >= next_report {
+                eprintln!(
+                    "    {} members, {}: {} s simulated after {:.1?}, {} kills",
+                    self.sc.members,
+                    self.sc.loss_label(),
+                    self.now / SEC,
+                    started.elapsed(),
+                    self.report.kills
+                );
+                next_report += 5 * SEC;
+            }
             match ev.kind {
                 Kind::Deliver { to, epoch, data } => {
                     let slot = &mut self.slots[to as usize];
