@@ -22,6 +22,7 @@ use ferrolb_speaker::dataplane::model::{Endpoint, Family, Mode, Model, PortModel
 use ferrolb_speaker::dataplane::render::{
     Ruleset, render_cleanup, render_create, render_create_table, render_full, render_partial,
 };
+use ferrolb_speaker::dataplane::{conntrack, healthcheck, sync};
 
 fn v4(n: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(n))
@@ -139,6 +140,26 @@ fn p50(mut samples: Vec<std::time::Duration>) -> f64 {
     samples[samples.len() / 2].as_secs_f64() * 1e3
 }
 
+/// The time this thread has run on a CPU, in milliseconds (the machine may be busy with others:
+/// wall time alone would count their share).
+fn cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    stat.split_whitespace().next().and_then(|ns| ns.parse::<f64>().ok()).unwrap_or(0.0) / 1e6
+}
+
+/// Cold full renders only, for a profiler: `perf record` on the test binary with
+/// `cold_render_profile --ignored`.
+#[test]
+#[ignore = "for profiling: run with --release --ignored"]
+fn cold_render_profile() {
+    let m = synthetic(10_000, 10);
+    for _ in 0..5 {
+        let (t, cpu) = (std::time::Instant::now(), cpu_ms());
+        let text = Ruleset::new(&m).render_full(false);
+        println!("{:.0} ms, {:.0} ms on CPU, {} bytes", t.elapsed().as_secs_f64() * 1e3, cpu_ms() - cpu, text.len());
+    }
+}
+
 /// The process's resident memory, in MiB.
 fn rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -158,17 +179,47 @@ fn render_times() {
     let sizes = [10_000u32, 50_000];
     for n in sizes {
         let m = synthetic(n, 10);
-        let t = std::time::Instant::now();
+        let (t, cpu) = (std::time::Instant::now(), cpu_ms());
         let mut ruleset = Ruleset::new(&m);
         let text = ruleset.render_full(false);
-        let cold = t.elapsed();
+        let (cold, cold_cpu) = (t.elapsed(), cpu_ms() - cpu);
         rows.entry("cold full render (Ruleset::new + render_full)").or_default().push(format!(
-            "{:.0} ms ({:.1} MB of text)",
+            "{:.0} ms, {cold_cpu:.0} ms on CPU ({:.1} MB of text)",
             cold.as_secs_f64() * 1e3,
             text.len() as f64 / 1e6
         ));
         drop(text);
         rows.entry("process RSS with the Ruleset and its model").or_default().push(format!("{:.0} MiB", rss_mib()));
+
+        // What every sync also walks (sync.rs): on these Services (TCP, Cluster policy, no
+        // health check port), and on the same ones all UDP, Local, with a health check port.
+        let mut worst = m.clone();
+        for (i, svc) in worst.services.values_mut().enumerate() {
+            svc.external_local = true;
+            svc.health_check_node_port = u16::try_from(20000 + i % 40000).ok();
+            svc.ports[0].proto = Protocol::Udp;
+        }
+        for (label, model) in [("", &m), (", all UDP + Local + health check", &worst)] {
+            let t = std::time::Instant::now();
+            let targets = conntrack::targets(model);
+            let conntrack_ms = t.elapsed().as_secs_f64() * 1e3;
+            let t = std::time::Instant::now();
+            let checks = healthcheck::wanted(&[model]);
+            let health_ms = t.elapsed().as_secs_f64() * 1e3;
+            let t = std::time::Instant::now();
+            let no_local = sync::no_local_endpoints(model);
+            let no_local_ms = t.elapsed().as_secs_f64() * 1e3;
+            assert!(label.is_empty() || (!targets.services.is_empty() && !checks.is_empty()));
+            std::hint::black_box(no_local);
+            rows.entry(if label.is_empty() {
+                "per-sync scans: conntrack / health checks / no-local count"
+            } else {
+                "per-sync scans, all UDP + Local + health check port"
+            })
+            .or_default()
+            .push(format!("{conntrack_ms:.1} / {health_ms:.1} / {no_local_ms:.1} ms"));
+        }
+        drop(worst);
 
         // One Service edited (a port changed), then put back: each a partial render.
         let (mut kept_svc, mut kept_ep, mut whole_svc, mut whole_ep) = (vec![], vec![], vec![], vec![]);

@@ -64,7 +64,7 @@ impl Ruleset {
     pub fn new(model: &Model) -> Self {
         let mut r = Self {
             ctx: Context::of(model),
-            model: Model { services: BTreeMap::new(), ..model.clone() },
+            model: without_services(model),
             rules: HashMap::new(),
             claims: BTreeMap::new(),
             buckets: BTreeMap::new(),
@@ -331,7 +331,7 @@ impl Ruleset {
     /// undo if it fails. When `next` needs a full sync, the whole table is rendered again.
     pub fn update(&mut self, next: &Model, keys: &BTreeSet<ServiceKey>) -> (PartialSync, Undo) {
         if self.needs_rebuild(next) {
-            let globals = Model { services: BTreeMap::new(), ..self.model.clone() };
+            let globals = without_services(&self.model);
             let services = self.model.services.iter().map(|(k, s)| (k.clone(), Some(s.clone()))).collect();
             let mut undo = Undo { globals: Some(globals), services };
             for k in next.services.keys().filter(|k| !self.model.services.contains_key(*k)) {
@@ -344,7 +344,7 @@ impl Ruleset {
         let old_ctx = self.ctx.clone();
         let changed = self.apply(next, keys.iter(), true);
         let globals = (self.model.node_ips != next.node_ips || self.model.pod_cidrs != next.pod_cidrs)
-            .then(|| Model { services: BTreeMap::new(), ..self.model.clone() });
+            .then(|| without_services(&self.model));
         self.model.node_ips.clone_from(&next.node_ips);
         self.model.pod_cidrs.clone_from(&next.pod_cidrs);
         self.model.service_cidrs.clone_from(&next.service_cidrs);
@@ -505,6 +505,19 @@ impl Ruleset {
             };
         }
         model
+    }
+}
+
+/// `model`'s node-level part, without copying its Services.
+fn without_services(model: &Model) -> Model {
+    Model {
+        node: model.node.clone(),
+        family: model.family,
+        mode: model.mode,
+        node_ips: model.node_ips.clone(),
+        pod_cidrs: model.pod_cidrs.clone(),
+        service_cidrs: model.service_cidrs.clone(),
+        services: BTreeMap::new(),
     }
 }
 
