@@ -8,22 +8,14 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::process::Command;
 
 use ferrolb_speaker::dataplane::model::{Family, Mode, Model};
 use ferrolb_speaker::dataplane::render::fixtures::*;
 use ferrolb_speaker::dataplane::render::{
-    PartialSync, render_cleanup, render_create, render_create_table, render_delete, render_full, render_partial,
+    render_cleanup, render_create, render_create_table, render_delete, render_full, render_partial,
 };
-
-type Stale = (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>);
-
-fn stale(p: &PartialSync) -> Stale {
-    let set = |v: &[String]| v.iter().cloned().collect();
-    (set(&p.stale_chains), set(&p.stale_sets), set(&p.stale_hairpin))
-}
 
 #[test]
 fn nft_loads_the_longest_names() {

@@ -309,13 +309,6 @@ mod tests {
         assert_eq!(partial.now, render_full(&next));
     }
 
-    type Stale = (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>);
-
-    fn stale(p: &PartialSync) -> Stale {
-        let set = |v: &[String]| v.iter().cloned().collect();
-        (set(&p.stale_chains), set(&p.stale_sets), set(&p.stale_hairpin))
-    }
-
     /// A stale chain that a later sync brings back is not deleted by the cleanup.
     #[test]
     fn cleanup_spares_what_came_back() {

@@ -4,11 +4,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
 use super::super::model::{Endpoint, Family, Mode, Model, PortModel, Protocol, ServiceKey, ServiceModel};
+use super::PartialSync;
 
 pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -249,4 +251,13 @@ pub fn longest_names() -> Model {
     m.services.insert(ServiceKey::new(&ns, format!("{}w", &name[..62])), local);
     assert_eq!((ns.len(), name.len(), port_name.len(), m.node.len()), (63, 63, 63, 253));
     m
+}
+
+/// What a partial sync left for the cleanup: stale chains, sets and hairpin elements, as sets.
+pub type Stale = (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>);
+
+/// [`Stale`] of `p`.
+pub fn stale(p: &PartialSync) -> Stale {
+    let set = |v: &[String]| v.iter().cloned().collect();
+    (set(&p.stale_chains), set(&p.stale_sets), set(&p.stale_hairpin))
 }
